@@ -1,0 +1,3 @@
+"""phiproxy: a Redis proxy for Protected Health Information."""
+
+__version__ = "0.1.0"

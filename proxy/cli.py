@@ -1,0 +1,148 @@
+"""The `phiproxy` command. Exit codes: 0 ok, 1 a check failed, 2 bad usage or configuration."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from proxy.config import Config, ConfigError, load_config
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="phiproxy", description="Redis proxy for PHI: mutual TLS, per-role policy, audit.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="serve until SIGTERM/SIGINT")
+    run.add_argument("-c", "--config", required=True, type=Path, help="configuration TOML file")
+    run.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
+    run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+    check = sub.add_parser("check-config", help="validate everything `run` would load")
+    check.add_argument("-c", "--config", required=True, type=Path)
+
+    explain = sub.add_parser(
+        "explain", help="show the identity, role and decision for a command",
+        description="With no CMD, reads commands from standard input, one per line, and "
+                    "prints one JSON object per line.")
+    explain.add_argument("-c", "--config", required=True, type=Path)
+    who = explain.add_mutually_exclusive_group(required=True)
+    who.add_argument("--cert", type=Path, help="client certificate (PEM)")
+    who.add_argument("--subject", help='a subject instead of a certificate: "CN=..,OU=.."')
+    who.add_argument("--role", help="a role name instead of a certificate")
+    explain.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD [ARG...]")
+
+    certs = sub.add_parser("certs", help="certificate helpers")
+    certs_sub = certs.add_subparsers(dest="certs_command", required=True, metavar="SUBCOMMAND")
+    dev = certs_sub.add_parser("dev", help="write a development PKI")
+    dev.add_argument("--out", required=True, type=Path, help="directory to write into")
+    dev.add_argument("--client", action="append", default=[], metavar="NAME",
+                     help="also issue a client certificate with CN=NAME (repeatable)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "run":
+        return cmd_run(args)
+    if args.command == "check-config":
+        return cmd_check_config(args)
+    if args.command == "certs":
+        return cmd_certs_dev(args)
+    if args.command == "explain":
+        from proxy.explain_cli import cmd_explain
+
+        return cmd_explain(args)
+    return EXIT_USAGE
+
+
+def _print_problems(problems: list[str]) -> None:
+    for problem in problems:
+        print(f"error: {problem}", file=sys.stderr)
+
+
+def load_everything(path: Path) -> tuple[Config, Any, dict[str, Any]]:
+    """Configuration, TLS material and compiled roles, exactly as `run` loads them.
+
+    Raises ConfigError with every problem found.
+    """
+    from proxy.policy.loader import compile_policy
+    from proxy.tls import TLSConfigError, backend_context, listener_context
+
+    config = load_config(path)
+    problems: list[str] = []
+    for build, section in ((listener_context, config.listener), (backend_context, config.backend)):
+        try:
+            build(section)  # type: ignore[arg-type]
+        except TLSConfigError as exc:
+            problems.append(f"{config.path}: {exc}")
+    decide, roles = None, {}
+    try:
+        decide, roles = compile_policy(config)
+    except ConfigError as exc:
+        problems.extend(exc.problems)
+    if problems:
+        raise ConfigError(problems)
+    return config, decide, roles
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    try:
+        config, _, roles = load_everything(args.config)
+    except ConfigError as exc:
+        _print_problems(exc.problems)
+        return EXIT_USAGE
+    print(f"{config.path}: OK: listener {config.listener.address}:{config.listener.port}, "
+          f"backend {config.backend.address}:{config.backend.port}, "
+          f"{len(roles)} roles, {len(config.identities)} identity rules")
+    return EXIT_OK
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    logging.basicConfig(
+        level=getattr(logging, args.log_level.upper()), stream=sys.stderr,
+        format="%(asctime)s phiproxy[%(process)d] %(levelname)s %(name)s: %(message)s")
+    if args.workers != 1:
+        print("error: --workers: only 1 worker is supported in this version", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        config, decide, roles = load_everything(args.config)
+    except ConfigError as exc:
+        _print_problems(exc.problems)
+        return EXIT_USAGE
+    import uvloop
+
+    from proxy.server import ServerState, serve
+
+    async def _main() -> int:
+        state = ServerState(config, decide, roles)
+        return await serve(state)
+
+    try:
+        return uvloop.run(_main())
+    except OSError as exc:  # e.g. the port is taken
+        print(f"error: {args.config}: [listener] cannot listen on "
+              f"{config.listener.address}:{config.listener.port}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def cmd_certs_dev(args: argparse.Namespace) -> int:
+    from proxy.certs import write_dev_pki
+
+    try:
+        written = write_dev_pki(args.out, args.client)
+    except ValueError as exc:
+        print(f"error: --client: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as exc:
+        print(f"error: --out {args.out}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    for path in written:
+        print(path)
+    return EXIT_OK

@@ -1,0 +1,732 @@
+"""Configuration: one TOML file -> frozen dataclasses, validated once at load.
+
+Every problem names the file, the key and the fix. `load_config` collects all problems
+and raises one ConfigError listing them (check-config prints every one).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import ipaddress
+import json
+import math
+import os
+import re
+import shlex
+import stat
+import tomllib
+from collections.abc import Iterable
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+MiB = 1024 * 1024
+
+
+class ConfigError(Exception):
+    """Configuration is invalid; `problems` lists every message (file, key, fix)."""
+
+    def __init__(self, problems: list[str]):
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+@dataclass(frozen=True)
+class ListenerConfig:
+    address: str
+    port: int
+    cert: Path
+    key: Path
+    client_ca: Path
+    crl: Path | None = None
+    min_tls: str = "1.2"  # "1.2" or "1.3"
+    allow_networks: tuple[IPNetwork, ...] = (ipaddress.ip_network("127.0.0.0/8"),)
+    allow_any_address: bool = False
+    handshake_timeout_s: float = 5.0
+    idle_timeout_s: float = 300.0  # 0 disables
+    max_connections: int = 10000
+    tcp_keepalive: bool = True
+
+
+@dataclass(frozen=True)
+class BackendConfig:
+    address: str
+    port: int
+    ca: Path
+    server_name: str
+    cert: Path
+    key: Path
+    username: str | None = None
+    password_file: Path | None = None
+    password: bytes | None = field(default=None, repr=False)  # read from password_file at load
+    connect_timeout_s: float = 2.0
+    pool_size: int = 4  # pre-warmed idle backend connections
+    learn_commands: bool = False
+
+
+@dataclass(frozen=True)
+class AuditConfig:
+    path: str = "-"  # file path (resolved against the config dir) or "-" for stdout
+    key_file: Path | None = None
+    phi_keys: tuple[str, ...] = ()
+    environment: str = "dev"
+    instance: str = "proxy-1"
+    fail_closed: bool = True
+    max_bytes: int = 0  # rotate the file when it reaches this size; 0: never
+    keep: int = 10  # rotated files kept
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    address: str = "127.0.0.1"
+    port: int = 9121  # 0 disables the endpoint
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    """Request limits, enforced by the framer before anything is allocated for them."""
+
+    max_bulk_bytes: int = 512 * MiB  # Redis proto-max-bulk-len
+    max_query_buffer_bytes: int = 1024 * MiB  # Redis client-query-buffer-limit
+    max_args: int = 2**31 - 1  # Redis: multibulk length up to INT_MAX
+    max_inline_bytes: int = 64 * 1024  # Redis PROTO_INLINE_MAX_SIZE
+
+
+@dataclass(frozen=True)
+class RoleConfig:
+    name: str
+    acl: str
+    dbs: tuple[int, ...] | None = None  # None: every database
+
+
+@dataclass(frozen=True)
+class IdentityRule:
+    """First matching rule wins; every given field must match."""
+
+    role: str
+    subject_cn: str | None = None
+    subject_ou: str | None = None
+    san_dns: str | None = None
+    san_uri: str | None = None
+    san_email: str | None = None
+    fingerprint_sha256: str | None = None  # lower-case hex, no colons
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Path
+    listener: ListenerConfig
+    backend: BackendConfig
+    audit: AuditConfig
+    metrics: MetricsConfig
+    limits: LimitsConfig
+    roles: dict[str, RoleConfig]
+    identities: tuple[IdentityRule, ...]
+
+
+# ---------------------------------------------------------------------------------------
+# Loading. Every check records a problem and carries on, so one run reports them all.
+
+_ANY_ADDRESSES = ("", "*")  # besides the IP literals 0.0.0.0 / :: (and their spellings)
+_MATCH_FIELDS = ("subject_cn", "subject_ou", "san_dns", "san_uri", "san_email",
+                 "fingerprint_sha256")
+_HOSTNAME = re.compile(r"[A-Za-z0-9._-]+")
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+_TOML_POSITION = re.compile(r"^(?P<msg>.*) \(at line (?P<line>\d+), column (?P<col>\d+)\)$")
+_MISSING: Any = object()
+
+
+def check_secret_file(path: Path) -> str | None:
+    """Why `path` may not hold a secret (group/others have access, like ssh refuses), or None."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return f"{path} does not exist"
+    except OSError as e:
+        return f"{path} cannot be examined ({e.strerror})"
+    if not stat.S_ISREG(st.st_mode):
+        return f"{path} is not a regular file"
+    mode = stat.S_IMODE(st.st_mode)
+    if mode & 0o077:
+        access = "readable" if mode & 0o044 else "accessible"
+        return (f"{path} is {access} by group/others (mode {mode:04o}); "
+                f"run: chmod 600 {shlex.quote(str(path))}")
+    return None
+
+
+def _show(value: Any) -> str:
+    """A value as it is spelled in TOML, for messages."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, list):
+        return "[" + ", ".join(_show(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{...}"
+    return str(value)
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "a table"
+    return "a date/time"
+
+
+def _unknown(name: str, known: Iterable[str]) -> str:
+    close = difflib.get_close_matches(name, list(known), n=1)
+    if close:
+        return f"did you mean '{close[0]}'?"
+    return "known: " + ", ".join(known)
+
+
+def _section_name(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if _BARE_KEY.fullmatch(name) else f"{prefix}.{json.dumps(name)}"
+
+
+class _Problems:
+    def __init__(self, label: str, base: Path):
+        self.label = label
+        self.base = base  # the config file's directory: relative paths start here
+        self.items: list[str] = []
+
+    def add(self, message: str) -> None:
+        self.items.append(f"{self.label}: {message}")
+
+
+class _Table:
+    """One TOML table: typed getters that record a problem and return the default."""
+
+    def __init__(self, problems: _Problems, where: str, data: dict[str, Any],
+                 known: Iterable[str]):
+        self.p = problems
+        self.where = where
+        self.data = data
+        known = tuple(known)
+        for key in data:
+            if key in known:
+                continue
+            if f"{key}_file" in known:  # e.g. password = "..." where password_file belongs
+                problems.add(f"{where} {key}: secrets are never inline; put it in a file "
+                             f"(chmod 600) and set {key}_file to that file's path")
+            else:
+                problems.add(f"unknown key {where} {key}; {_unknown(key, known)}")
+
+    def fault(self, key: str, message: str) -> None:
+        self.p.add(f"{self.where} {key} = {_show(self.data[key])}: {message}")
+
+    def _get(self, key: str, required: bool, example: str) -> Any:
+        if key in self.data:
+            return self.data[key]
+        if required:
+            self.p.add(f"{self.where} {key} is missing; add {key} = {example}")
+        return _MISSING
+
+    def _wrong_type(self, key: str, kind: str, example: str) -> None:
+        value = self.data[key]
+        hint = f"e.g. {key} = {example}"
+        if isinstance(value, str) and kind in ("an integer", "a number"):
+            with contextlib.suppress(ValueError):
+                float(value)
+                hint = f"remove the quotes: {key} = {value.strip()}"
+        if isinstance(value, str) and kind == "a boolean" and value.lower() in ("true", "false"):
+            hint = f"remove the quotes: {key} = {value.lower()}"
+        self.fault(key, f"must be {kind}, not {_kind(value)}; {hint}")
+
+    def string(self, key: str, default: str | None = None, *, required: bool = False,
+               example: str = '"..."', empty_ok: bool = True) -> str | None:
+        value = self._get(key, required, example)
+        if value is _MISSING:
+            return default
+        if not isinstance(value, str):
+            self._wrong_type(key, "a string", example)
+            return default
+        if not value and not empty_ok:
+            self.fault(key, f"must not be empty; e.g. {key} = {example}")
+            return default
+        return value
+
+    def boolean(self, key: str, default: bool) -> bool:
+        value = self._get(key, False, "true")
+        if value is _MISSING:
+            return default
+        if not isinstance(value, bool):
+            self._wrong_type(key, "a boolean", "true" if not default else "false")
+            return default
+        return value
+
+    def integer(self, key: str, default: int, lo: int, hi: int | None = None, *,
+                required: bool = False, what: str = "") -> int:
+        example = str(default if default >= lo else lo)
+        value = self._get(key, required, example)
+        if value is _MISSING:
+            return default
+        if isinstance(value, bool) or not isinstance(value, int):
+            self._wrong_type(key, "an integer", example)
+            return default
+        if value < lo or (hi is not None and value > hi):
+            span = f"between {lo} and {hi}" if hi is not None else f"at least {lo}"
+            self.fault(key, f"must be {what or 'an integer'} {span}; e.g. {key} = {example}")
+            return default
+        return value
+
+    def port(self, key: str, default: int, *, required: bool = False,
+             zero_disables: bool = False) -> int:
+        lo = 0 if zero_disables else 1
+        what = "a port number (0 disables)" if zero_disables else "a port number"
+        return self.integer(key, default, lo, 65535, required=required, what=what)
+
+    def seconds(self, key: str, default: float, *, zero_ok: bool) -> float:
+        value = self._get(key, False, str(default))
+        if value is _MISSING:
+            return default
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            self._wrong_type(key, "a number", f"{default:g}")
+            return default
+        if not math.isfinite(value) or value < 0 or (value == 0 and not zero_ok):
+            rule = "0 or more (0 turns it off)" if zero_ok else "a number of seconds above 0"
+            self.fault(key, f"must be {rule}; e.g. {key} = {default:g}")
+            return default
+        return float(value)
+
+    def list_of(self, key: str, kind: type, example: str) -> list[Any] | None:
+        """The list under `key` if it is one whose items are all `kind`, else None."""
+        value = self._get(key, False, example)
+        if value is _MISSING:
+            return None
+        if not isinstance(value, list):
+            self._wrong_type(key, "a list", example)
+            return None
+        for item in value:
+            if isinstance(item, bool) or not isinstance(item, kind):
+                self.fault(key, f"{_show(item)} is {_kind(item)}; every item must be "
+                                f"{_kind(kind())}; e.g. {key} = {example}")
+                return None
+        return value
+
+    def file(self, key: str, *, required: bool = False, secret: bool = False) -> Path | None:
+        """A path to an existing readable file, resolved against the config file's directory."""
+        example = '"secrets/name"' if secret else '"certs/name.pem"'
+        raw = self.string(key, required=required, example=example)
+        if raw is None:
+            return None
+        if not raw:
+            self.fault(key, f"must be a file path; e.g. {key} = {example}")
+            return None
+        if "\n" in raw or raw.lstrip().startswith("-----BEGIN"):
+            # the value itself is not repeated: it may be a private key
+            self.p.add(f"{self.where} {key}: must be a file path, not the file's content: "
+                       "secrets are never inline; save it in a file (chmod 600) and give its path")
+            return None
+        path = _resolve(self.p.base, raw)
+        problem = _file_problem(path)
+        if problem is None and secret:
+            problem = check_secret_file(path)
+        if problem is not None:
+            self.fault(key, problem)
+            return None
+        return path
+
+
+def _resolve(base: Path, raw: str) -> Path:
+    # normpath rather than resolve(): messages show the path the user wrote, made absolute
+    return Path(os.path.normpath(base / raw))
+
+
+def _file_problem(path: Path) -> str | None:
+    if not path.exists():
+        return (f"{path} does not exist; fix the path (relative paths start at the config "
+                f"file's directory) or create the file")
+    if not path.is_file():
+        return f"{path} is not a regular file; give the path of a file"
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as e:
+        return f"{path} cannot be read ({e.strerror}); give this user read access"
+    return None
+
+
+def _read_toml(path: Path, label: str) -> dict[str, Any]:
+    """The parsed file; any failure is the one problem there is."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        problem = "file not found; check the path given with -c, or create it (see SPEC §3)"
+    except IsADirectoryError:
+        problem = "is a directory; give the path of the TOML configuration file"
+    except OSError as e:
+        problem = f"cannot be read ({e.strerror}); check its permissions"
+    else:
+        try:
+            return tomllib.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            problem = f"is not UTF-8 text (bad byte at offset {e.start}); save it as UTF-8"
+        except tomllib.TOMLDecodeError as e:
+            found = _TOML_POSITION.match(str(e))
+            if found:
+                problem = (f"line {found['line']}, column {found['col']}: TOML syntax error: "
+                           f"{found['msg']}; fix the syntax there")
+            else:
+                problem = f"TOML syntax error: {e}; fix the syntax there"
+    raise ConfigError([f"{label}: {problem}"])
+
+
+def _keys(cls: type, *, exclude: Iterable[str] = ()) -> tuple[str, ...]:
+    return tuple(f.name for f in fields(cls) if f.name not in exclude)
+
+
+_SECTIONS: dict[str, tuple[str, ...]] = {
+    "listener": _keys(ListenerConfig),
+    "backend": _keys(BackendConfig, exclude=("password",)),
+    "audit": _keys(AuditConfig),
+    "metrics": _keys(MetricsConfig),
+    "limits": _keys(LimitsConfig),
+    "roles": (),
+    "identities": (),
+}
+
+
+def _section(p: _Problems, data: dict[str, Any], name: str, *,
+             required: bool) -> _Table | None:
+    value = data.get(name, _MISSING)
+    if value is _MISSING:
+        if required:
+            keys = ", ".join(_SECTIONS[name][:5])
+            p.add(f"[{name}] section is missing; add a [{name}] table with {keys} "
+                  f"(see SPEC §3)")
+        return None
+    if not isinstance(value, dict):
+        p.add(f"[{name}] must be a table, not {_kind(value)}; write [{name}] on a line of "
+              f"its own followed by its keys")
+        return None
+    return _Table(p, f"[{name}]", value, _SECTIONS[name])
+
+
+def _top_level(p: _Problems, data: dict[str, Any]) -> None:
+    for name, value in data.items():
+        if name in _SECTIONS:
+            continue
+        if isinstance(value, dict | list):
+            p.add(f"unknown section [{name}]; {_unknown(name, _SECTIONS)}")
+            continue
+        homes = [f"[{s}]" for s, keys in _SECTIONS.items() if name in keys]
+        where = f"move it under {' or '.join(homes)}" if homes else "remove it"
+        p.add(f"unknown key {name} outside any section; {where}")
+
+
+def _bind_address(t: _Table, key: str, default: str, *, allow_any: bool | None) -> str:
+    """A listening address: an IP literal or localhost; the any-address only when allowed.
+
+    allow_any None: the any-address is fine here (metrics carry no PHI).
+    """
+    address = t.string(key, default, example='"127.0.0.1"')
+    assert address is not None
+    if address in _ANY_ADDRESSES:
+        is_any = True
+    elif address == "localhost":
+        return address
+    else:
+        try:
+            is_any = ipaddress.ip_address(address).is_unspecified
+        except ValueError:
+            t.fault(key, 'must be an IP address such as "127.0.0.1" or "::1", or "localhost"; '
+                         "host names are not resolved for listening sockets")
+            return default
+    if is_any and allow_any is False:
+        t.fault(key, "listens on every interface, which would expose the proxy beyond this "
+                     'host; use a specific address such as "127.0.0.1", or set '
+                     f"allow_any_address = true in {t.where} if that is intended")
+        return default
+    # "" is asyncio's spelling of "every interface"; "*" is not understood by getaddrinfo
+    return "" if address == "*" else address
+
+
+def _networks(t: _Table) -> tuple[IPNetwork, ...]:
+    default = ListenerConfig.allow_networks
+    example = '["127.0.0.0/8", "10.0.0.0/8"]'
+    items = t.list_of("allow_networks", str, example)
+    if items is None:
+        return default
+    if not items:
+        t.fault("allow_networks", f"is empty, so no client could connect; list the client "
+                                  f"networks, e.g. allow_networks = {example}")
+        return default
+    networks = []
+    for item in items:
+        try:
+            networks.append(ipaddress.ip_network(item))
+        except ValueError as e:
+            fix = "write networks in CIDR notation such as \"10.0.0.0/8\""
+            with contextlib.suppress(ValueError):
+                fix = f'did you mean "{ipaddress.ip_network(item, strict=False)}"?'
+            t.fault("allow_networks", f"{_show(item)} is not a network ({e}); {fix}")
+    return tuple(networks)
+
+
+def _min_tls(t: _Table) -> str:
+    value = t.data.get("min_tls", ListenerConfig.min_tls)
+    if value in ("1.2", "1.3"):
+        return value
+    t.fault("min_tls", 'must be "1.2" or "1.3" (a quoted string); nothing lower is accepted; '
+                       'e.g. min_tls = "1.2"')
+    return ListenerConfig.min_tls
+
+
+def _listener(p: _Problems, data: dict[str, Any]) -> ListenerConfig | None:
+    t = _section(p, data, "listener", required=True)
+    if t is None:
+        return None
+    d = ListenerConfig
+    allow_any = t.boolean("allow_any_address", d.allow_any_address)
+    return ListenerConfig(
+        address=_bind_address(t, "address", "127.0.0.1", allow_any=allow_any),
+        port=t.port("port", 6380, required=True),
+        cert=t.file("cert", required=True),
+        key=t.file("key", required=True, secret=True),
+        client_ca=t.file("client_ca", required=True),
+        crl=t.file("crl"),
+        min_tls=_min_tls(t),
+        allow_networks=_networks(t),
+        allow_any_address=allow_any,
+        handshake_timeout_s=t.seconds("handshake_timeout_s", d.handshake_timeout_s,
+                                      zero_ok=False),
+        idle_timeout_s=t.seconds("idle_timeout_s", d.idle_timeout_s, zero_ok=True),
+        max_connections=t.integer("max_connections", d.max_connections, 1),
+        tcp_keepalive=t.boolean("tcp_keepalive", d.tcp_keepalive),
+    )  # a None in it means a problem was recorded
+
+
+def _password(t: _Table, path: Path | None) -> bytes | None:
+    if path is None:
+        return None
+    password = path.read_bytes().rstrip(b"\r\n")
+    if not password:
+        t.fault("password_file", f"{path} is empty; write the backend password into it")
+        return None
+    return password
+
+
+def _backend(p: _Problems, data: dict[str, Any]) -> BackendConfig | None:
+    t = _section(p, data, "backend", required=True)
+    if t is None:
+        return None
+    d = BackendConfig
+    address = t.string("address", required=True, example='"127.0.0.1"', empty_ok=False)
+    if address and not _HOSTNAME.fullmatch(address) and not _is_ip(address):
+        t.fault("address", 'must be an IP address or a host name, e.g. address = "127.0.0.1"')
+    elif address and _is_ip(address) and ipaddress.ip_address(address).is_unspecified:
+        t.fault("address", 'is not an address one can connect to; e.g. address = "127.0.0.1"')
+    password_file = t.file("password_file", secret=True)
+    return BackendConfig(
+        address=address,
+        port=t.port("port", 6379, required=True),
+        ca=t.file("ca", required=True),
+        # the certificate is always verified: against the address when no name is given
+        server_name=t.string("server_name", address, example='"localhost"', empty_ok=False),
+        cert=t.file("cert", required=True),
+        key=t.file("key", required=True, secret=True),
+        username=t.string("username", example='"phiproxy"', empty_ok=False),
+        password_file=password_file,
+        password=_password(t, password_file),
+        connect_timeout_s=t.seconds("connect_timeout_s", d.connect_timeout_s, zero_ok=False),
+        pool_size=t.integer("pool_size", d.pool_size, 0, 1000),
+        learn_commands=t.boolean("learn_commands", d.learn_commands),
+    )
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _audit_path(t: _Table) -> str:
+    raw = t.string("path", "-", example='"audit/audit.jsonl"', empty_ok=False)
+    if raw is None or raw == "-":
+        return "-"
+    path = _resolve(t.p.base, raw)
+    if path.is_dir():
+        t.fault("path", f"{path} is a directory; give a file path such as audit/audit.jsonl")
+        return raw
+    if path.exists() and not os.access(path, os.W_OK):
+        t.fault("path", f"{path} is not writable by this user; fix its owner or mode")
+        return raw
+    # the writer creates missing directories; here it is enough that it could
+    existing = path.parent
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        t.fault("path", f"{existing} is not a directory, so {path.parent} cannot be made; "
+                        "fix the path")
+    elif not os.access(existing, os.W_OK | os.X_OK):
+        t.fault("path", f"{existing} is not writable by this user, so {path.name} cannot be "
+                        "created there; fix its owner or mode, or choose another path")
+    return str(path)
+
+
+def _audit(p: _Problems, data: dict[str, Any]) -> AuditConfig:
+    t = _section(p, data, "audit", required=False)
+    d = AuditConfig
+    if t is None:
+        return d()
+    key_file = t.file("key_file", secret=True)
+    if key_file is not None and key_file.stat().st_size == 0:
+        t.fault("key_file", f"{key_file} is empty; fill it with a random key, e.g. "
+                            f"head -c 32 /dev/urandom > {shlex.quote(str(key_file))}")
+        key_file = None
+    phi_keys = t.list_of("phi_keys", str, '["app:phi:*"]')
+    return AuditConfig(
+        path=_audit_path(t),
+        key_file=key_file,
+        phi_keys=tuple(phi_keys) if phi_keys is not None else d.phi_keys,
+        environment=t.string("environment", d.environment, example='"prod"', empty_ok=False),
+        instance=t.string("instance", d.instance, example='"proxy-1"', empty_ok=False),
+        fail_closed=t.boolean("fail_closed", d.fail_closed),
+        max_bytes=t.integer("max_bytes", d.max_bytes, 0),
+        keep=t.integer("keep", d.keep, 1),
+    )
+
+
+def _metrics(p: _Problems, data: dict[str, Any]) -> MetricsConfig:
+    t = _section(p, data, "metrics", required=False)
+    d = MetricsConfig
+    if t is None:
+        return d()
+    return MetricsConfig(
+        address=_bind_address(t, "address", d.address, allow_any=None),
+        port=t.port("port", d.port, zero_disables=True),
+    )
+
+
+def _limits(p: _Problems, data: dict[str, Any]) -> LimitsConfig:
+    t = _section(p, data, "limits", required=False)
+    if t is None:
+        return LimitsConfig()
+    # above the defaults Redis itself would refuse, so only tightening makes sense
+    values = {f.name: t.integer(f.name, f.default, 1, f.default) for f in fields(LimitsConfig)}
+    return LimitsConfig(**values)
+
+
+def _roles(p: _Problems, data: dict[str, Any]) -> dict[str, RoleConfig]:
+    example = '[roles.reader] with acl = "+@read ~app:*"'
+    raw = data.get("roles", {})
+    if not isinstance(raw, dict):
+        p.add(f"[roles] must hold tables, not {_kind(raw)}; write {example}")
+        return {}
+    roles = {}
+    for name, body in raw.items():
+        where = f"[{_section_name('roles', name)}]"
+        if not isinstance(body, dict):
+            p.add(f"[roles] {name} = {_show(body)}: a role is a table; write {where} with "
+                  f'acl = "..." on the next line')
+            continue
+        t = _Table(p, where, body, _keys(RoleConfig, exclude=("name",)))
+        acl = t.string("acl", required=True, example='"+@read ~app:*"')
+        dbs = t.list_of("dbs", int, "[0, 1]")
+        if dbs is not None and any(db < 0 for db in dbs):
+            t.fault("dbs", "database numbers start at 0; e.g. dbs = [0, 1]")
+            dbs = None
+        roles[name] = RoleConfig(name, acl, tuple(sorted(set(dbs))) if dbs is not None
+                                 else None)
+    if not raw:
+        p.add(f"[roles] no role is defined; add at least one, e.g. {example}")
+    return roles
+
+
+def _fingerprint(t: _Table) -> str | None:
+    raw = t.string("fingerprint_sha256", example='"ab:cd:..."', empty_ok=False)
+    if raw is None:
+        return None
+    hexdigits = raw.replace(":", "").strip().lower()
+    if len(hexdigits) != 64 or any(c not in "0123456789abcdef" for c in hexdigits):
+        t.fault("fingerprint_sha256", "must be 64 hex digits (colons allowed), the SHA-256 of "
+                                      "the DER certificate; get it with: openssl x509 -in "
+                                      "CERT.pem -noout -fingerprint -sha256")
+        return None
+    return hexdigits
+
+
+def _identities(p: _Problems, data: dict[str, Any],
+                roles: dict[str, RoleConfig]) -> tuple[IdentityRule, ...]:
+    example = '[[identities]] with subject_cn = "billing-service" and role = "writer"'
+    raw = data.get("identities", [])
+    if not isinstance(raw, list) or not all(isinstance(i, dict) for i in raw):
+        p.add(f"[[identities]] must be an array of tables; write each one as {example}")
+        return ()
+    rules = []
+    for number, body in enumerate(raw, 1):
+        t = _Table(p, f"[[identities]] #{number}", body, _keys(IdentityRule))
+        role = t.string("role", required=True, example='"reader"', empty_ok=False)
+        if role is not None and role not in roles and roles:
+            close = difflib.get_close_matches(role, list(roles), n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            t.fault("role", f"no such role{hint}; define [{_section_name('roles', role)}] "
+                            f"or use one of: {', '.join(roles)}")
+        match = {k: t.string(k, example='"..."', empty_ok=False)
+                 for k in _MATCH_FIELDS if k != "fingerprint_sha256"}
+        match["fingerprint_sha256"] = _fingerprint(t)
+        if not any(k in body for k in _MATCH_FIELDS):
+            p.add(f"[[identities]] #{number} has no match field (it would match any "
+                  f"certificate); add at least one of {', '.join(_MATCH_FIELDS)}")
+        rules.append(IdentityRule(role=role, **match))
+    if not raw:
+        p.add(f"[[identities]] none is defined, so every client would be refused; add at "
+              f"least one, e.g. {example}")
+    return tuple(rules)
+
+
+def _same_socket(a: tuple[str, int], b: tuple[str, int]) -> bool:
+    def norm(address: str) -> str:
+        return "127.0.0.1" if address == "localhost" else address
+
+    any_address = {"", "0.0.0.0", "::"}
+    return a[1] == b[1] and (norm(a[0]) == norm(b[0]) or a[0] in any_address
+                             or b[0] in any_address)
+
+
+def _cross_checks(p: _Problems, listener: ListenerConfig, backend: BackendConfig,
+                  metrics: MetricsConfig) -> None:
+    here = (listener.address, listener.port)
+    if metrics.port and _same_socket(here, (metrics.address, metrics.port)):
+        p.add(f"[metrics] port = {metrics.port}: the listener already uses this port; "
+              "choose another one (or 0 to turn metrics off)")
+    if _same_socket(here, (backend.address, backend.port)):
+        p.add(f"[backend] port = {backend.port}: that is the proxy's own listener, the "
+              "proxy would connect to itself; give the backend Redis address and port")
+
+
+def load_config(path: str | Path) -> Config:
+    """Read, validate and return the configuration; raise ConfigError listing every problem."""
+    path = Path(path)
+    data = _read_toml(path, str(path))
+    p = _Problems(str(path), path.absolute().parent)
+    _top_level(p, data)
+    listener = _listener(p, data)
+    backend = _backend(p, data)
+    audit = _audit(p, data)
+    metrics = _metrics(p, data)
+    limits = _limits(p, data)
+    roles = _roles(p, data)
+    identities = _identities(p, data, roles)
+    if listener is not None and backend is not None and not p.items:
+        _cross_checks(p, listener, backend, metrics)
+    if p.items or listener is None or backend is None:
+        raise ConfigError(p.items)
+    return Config(path.absolute(), listener, backend, audit, metrics, limits, roles,
+                  identities)

@@ -1,0 +1,273 @@
+"""The listener: network allowlist and limits before the handshake, mutual TLS, identity,
+one Session per client, and signal handling (SIGTERM/SIGINT drain and exit 0).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import signal
+import socket
+import ssl
+import struct
+from collections.abc import Callable
+from typing import Any
+
+from proxy.backend import BackendPool
+from proxy.config import Config
+from proxy.events import Events
+from proxy.identity import identity_from_der, map_role
+from proxy.policy.decision import Decision
+from proxy.session import Session
+from proxy.tls import backend_context, listener_context
+
+log = logging.getLogger("phiproxy.server")
+
+Decide = Callable[[Any, list[bytes]], Decision]
+
+
+class ServerState:
+    """Everything sessions share: configuration, policy, backend pool, event sink."""
+
+    def __init__(self, config: Config, decide: Decide, roles: dict[str, Any],
+                 events: Events | None = None) -> None:
+        self.config = config
+        self.decide = decide
+        self.roles = roles
+        self.events = events or Events()
+        self.listener_ssl = listener_context(config.listener)
+        self.pool = BackendPool(config.backend, backend_context(config.backend))
+        self.networks = config.listener.allow_networks
+        self.sessions: set[Session] = set()
+        self.handshaking = 0
+        self.drain_timeout_s = 10.0
+
+    @property
+    def connections(self) -> int:
+        return len(self.sessions) + self.handshaking
+
+    def source_allowed(self, host: str) -> bool:
+        try:
+            addr = ipaddress.ip_address(host.split("%", 1)[0])
+        except ValueError:
+            return False
+        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+            addr = addr.ipv4_mapped
+        return any(addr in net for net in self.networks)
+
+    def start_session(self, tls: asyncio.Transport, src: str) -> None:
+        """A completed handshake: certificate -> identity -> role -> Session, or close."""
+        ssl_object = tls.get_extra_info("ssl_object")
+        der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+        if not der:  # cannot happen with CERT_REQUIRED; fail closed anyway
+            self.events.refused("no_client_cert", src)
+            tls.abort()
+            return
+        identity = identity_from_der(der)
+        mapped = map_role(self.config.identities, identity)
+        if mapped is None or mapped[0] not in self.roles:
+            self.events.identity_refused(src, identity.subject, identity.fingerprint,
+                                         "no [[identities]] rule matches this certificate")
+            tls.close()
+            return
+        role_name = mapped[0]
+        tls_info = {"version": ssl_object.version(), "cipher": ssl_object.cipher()[0]}
+        self.events.connected(src, identity.subject, role_name, tls_info)
+        session = Session(self, src, identity, role_name, self.roles[role_name])
+        tls.set_protocol(session)
+        session.connection_made(tls)
+
+    # Session callbacks (the audit issue records these).
+    def session_started(self, session: Session) -> None:
+        self.sessions.add(session)
+
+    def session_ended(self, session: Session, reason: str) -> None:
+        if session in self.sessions:
+            self.sessions.discard(session)
+            self.events.disconnected(session.src, session.identity.subject, session.commands,
+                                     reason)
+
+    def command_refused(self, session: Session, decision: Decision) -> None:
+        self.events.counts[("denied", decision.extra or "acl")] += 1
+
+    def client_auth(self, session: Session, username: str | None) -> None:
+        self.events.counts[("auth", session.role_name)] += 1
+
+    def backend_lost(self, session: Session) -> None:
+        self.events.counts[("backend_lost", "")] += 1
+
+
+def _tls_failure_reason(exc: BaseException) -> tuple[str, str]:
+    """A short machine reason and the detail, for a failed client handshake."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        message = exc.verify_message or str(exc)
+        if "expired" in message:
+            return "cert_expired", message
+        if "revoked" in message:
+            return "cert_revoked", message
+        return "cert_untrusted", message
+    if isinstance(exc, TimeoutError) or "taking longer" in str(exc):
+        return "handshake_timeout", "no TLS handshake within the timeout"
+    text = str(exc)
+    lowered = text.lower()
+    if "peer did not return a certificate" in lowered or "certificate required" in lowered:
+        return "no_client_cert", text
+    if "unsupported protocol" in lowered or "version too low" in lowered \
+            or "no protocols available" in lowered:
+        return "tls_version", text
+    if "wrong version number" in lowered or "http request" in lowered \
+            or "unknown protocol" in lowered or "record layer failure" in lowered:
+        return "not_tls", text
+    if "no shared cipher" in lowered:
+        return "no_shared_cipher", text
+    if isinstance(exc, ConnectionError):
+        return "client_closed", text or type(exc).__name__
+    return "tls_error", text or type(exc).__name__
+
+
+class _Handshake(asyncio.Protocol):
+    """Stands in until the TLS handshake is done; then the Session takes the transport."""
+
+    def __init__(self, state: ServerState, src: str) -> None:
+        self.state = state
+        self.src = src
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # Called once the handshake has completed: map the identity and hand over at
+        # once, so no client byte can arrive before the Session is in place.
+        self.state.handshaking -= 1
+        self.state.start_session(transport, self.src)  # type: ignore[arg-type]
+
+
+class Acceptor:
+    """Accepts TCP connections itself, so a source is refused before any TLS byte is read."""
+
+    def __init__(self, state: ServerState, sock: socket.socket) -> None:
+        self.state = state
+        self.sock = sock
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._accept_forever())
+
+    def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        self.sock.close()
+
+    async def _accept_forever(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                conn, peer = await loop.sock_accept(self.sock)
+            except OSError as exc:  # e.g. EMFILE: back off instead of spinning
+                log.error("accept failed: %s", exc)
+                await asyncio.sleep(0.1)
+                continue
+            self._admit(conn, peer)
+
+    def _admit(self, conn: socket.socket, peer: Any) -> None:
+        state = self.state
+        src = f"{peer[0]}:{peer[1]}"
+        if not state.source_allowed(str(peer[0])):
+            state.events.refused("network", src, "source address not in allow_networks")
+            _reset(conn)
+            return
+        if state.connections >= state.config.listener.max_connections:
+            state.events.refused("max_connections", src)
+            _reset(conn)
+            return
+        conn.setblocking(False)
+        _tune_client_socket(conn, state.config.listener.tcp_keepalive)
+        state.handshaking += 1
+        asyncio.get_running_loop().create_task(self._handshake(conn, src))
+
+    async def _handshake(self, conn: socket.socket, src: str) -> None:
+        state = self.state
+        handshake = _Handshake(state, src)
+        try:
+            await asyncio.get_running_loop().connect_accepted_socket(
+                lambda: handshake, conn, ssl=state.listener_ssl,
+                ssl_handshake_timeout=state.config.listener.handshake_timeout_s)
+        except (TimeoutError, ssl.SSLError, OSError, ConnectionError) as exc:
+            state.handshaking -= 1
+            reason, detail = _tls_failure_reason(exc)
+            state.events.refused(reason, src, detail)
+            _reset(conn)
+        except asyncio.CancelledError:
+            state.handshaking -= 1
+            _reset(conn)
+            raise
+
+
+def _reset(conn: socket.socket) -> None:
+    """Close at once with a reset: a refused client is owed nothing."""
+    try:
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    except OSError:
+        pass
+    conn.close()
+
+
+def _tune_client_socket(sock: Any, keepalive: bool) -> None:
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if keepalive:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            if hasattr(socket, "TCP_KEEPIDLE"):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 60)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 10)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 6)
+    except OSError:
+        pass
+
+
+def listen_socket(address: str, port: int) -> socket.socket:
+    """A non-blocking listening TCP socket (IPv4 or IPv6 by the address)."""
+    infos = socket.getaddrinfo(address or None, port, type=socket.SOCK_STREAM,
+                               flags=socket.AI_PASSIVE)
+    family, socktype, proto, _, sockaddr = infos[0]
+    sock = socket.socket(family, socktype, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(sockaddr)
+        sock.listen(1024)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+async def serve(state: ServerState, *, ready: Callable[[], None] | None = None) -> int:
+    """Listen until SIGTERM/SIGINT, then drain and return 0."""
+    loop = asyncio.get_running_loop()
+    cfg = state.config.listener
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(
+        signal.SIGHUP, lambda: log.warning("SIGHUP: reload is not implemented yet; ignored"))
+    state.pool.start()
+    acceptor = Acceptor(state, listen_socket(cfg.address, cfg.port))
+    acceptor.start()
+    log.info("phiproxy listening on %s:%s (mutual TLS, min %s), backend %s:%s",
+             cfg.address, cfg.port, cfg.min_tls, state.config.backend.address,
+             state.config.backend.port)
+    if ready is not None:
+        ready()
+    await stop.wait()
+    log.info("shutting down: no new connections, draining %d", len(state.sessions))
+    acceptor.close()
+    for session in list(state.sessions):
+        session.drain()
+    deadline = loop.time() + state.drain_timeout_s + 1
+    while state.sessions and loop.time() < deadline:
+        await asyncio.sleep(0.05)
+    for session in list(state.sessions):
+        if session.transport is not None:
+            session.transport.abort()
+    await state.pool.close()
+    log.info("stopped")
+    return 0

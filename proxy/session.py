@@ -1,0 +1,728 @@
+"""One client connection: frame, decide, forward; relay replies in order.
+
+The pending queue holds one entry per request still owed a reply, in request order:
+  - RAW (a shared singleton): the backend's next reply is relayed as it is;
+  - bytes: a reply the proxy made itself (a refusal, AUTH's +OK), released when it
+    reaches the head, so the client sees replies in the order it asked;
+  - a Pending object for the few commands whose replies change session state or are
+    rewritten (SUBSCRIBE family, HELLO, SELECT, RESET, EXEC turned into DISCARD, KEYS/SCAN
+    filtering, the proxy's own AUTH after RESET).
+Pushes (pub/sub messages, RESP3 `>` frames) answer no request and pop nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from proxy.backend import BackendConnection, BackendUnavailable
+from proxy.identity import Identity
+from proxy.policy.decision import Decision
+from proxy.resp import canned
+from proxy.resp.reply import PUSH, REPLY, SUB_CONFIRM, ReplyFramer, SubConfirm
+from proxy.resp.request import ProtocolError, RequestFramer, encode_command
+
+if TYPE_CHECKING:
+    from proxy.server import ServerState
+
+log = logging.getLogger("phiproxy.session")
+
+RAW = object()  # pending entry: relay the next backend reply unchanged
+
+# Pending kinds for special entries.
+K_SUB = 1  # SUBSCRIBE family: `remaining` confirmations (or -1: computed at the head)
+K_HELLO = 2  # switch protocol when the reply is not an error
+K_SELECT = 3  # track the db when the reply is not an error
+K_RESET = 4  # reset tracked state
+K_SWALLOW = 5  # the proxy's own AUTH after RESET: never shown to the client
+K_REPLACE = 6  # send `data` instead of the backend's reply (EXEC turned into DISCARD)
+K_FILTER = 7  # rewrite the complete reply (KEYS/SCAN/PUBSUB CHANNELS filtering)
+K_MONITOR = 8  # after +OK the connection relays a MONITOR stream
+
+SUB_NAMES = {
+    b"subscribe": "channels", b"unsubscribe": "channels",
+    b"psubscribe": "patterns", b"punsubscribe": "patterns",
+    b"ssubscribe": "shard", b"sunsubscribe": "shard",
+}
+
+
+class Pending:
+    __slots__ = ("kind", "remaining", "data", "filter", "sub_kind", "arg")
+
+    def __init__(self, kind: int, remaining: int = 1, data: bytes = b"",
+                 filter: Callable[[bytes], bytes] | None = None,
+                 sub_kind: str = "", arg: int = 0) -> None:
+        self.kind = kind
+        self.remaining = remaining
+        self.data = data
+        self.filter = filter
+        self.sub_kind = sub_kind
+        self.arg = arg
+
+
+class Session(asyncio.Protocol):
+    """The client side of one proxied connection (installed after the TLS handshake)."""
+
+    def __init__(self, state: ServerState, src: str, identity: Identity, role_name: str,
+                 role: Any) -> None:
+        self.state = state
+        self.src = src
+        self.identity = identity
+        self.role_name = role_name
+        self.role = role
+        self._decide = state.decide
+        limits = state.config.limits
+        self._framer = RequestFramer(
+            max_bulk_bytes=limits.max_bulk_bytes,
+            max_query_buffer_bytes=limits.max_query_buffer_bytes,
+            max_args=limits.max_args,
+            max_inline_bytes=limits.max_inline_bytes,
+        )
+        self._replies = ReplyFramer()
+        self._pending: deque[Any] = deque()
+        self._special = 0  # non-RAW entries in _pending: 0 means the fast reply path
+        self.transport: asyncio.Transport | None = None
+        self.backend: BackendConnection | None = None
+        self._backend_used = False
+        self._connecting: asyncio.Task[None] | None = None
+        self._early: list[bytes] = []  # commands waiting for the backend connection
+        # Tracked Redis connection state.
+        self._proto = 2
+        self._db = 0
+        self._subs: dict[str, set[bytes]] = {"channels": set(), "patterns": set(), "shard": set()}
+        self._in_multi = False
+        self._multi_dirty = False
+        self._reply_mode = 0  # 0 on, 1 off, 2 skip the next command's reply
+        self._monitor = False
+        # Partial reply state (a frame that started in an earlier chunk).
+        self._frame_buf: list[bytes] | None = None  # collected bytes when the head needs them
+        self._frame_streamed = False  # the current frame's first bytes were already relayed
+        self._frame_first = 0  # first byte of the current frame ('-' marks an error)
+        # Flow control.
+        self._client_paused_reasons: set[str] = set()
+        self._backend_reading_paused = False
+        self._closing = False
+        self.commands = 0
+        self.started = time.monotonic()
+        self._last_activity = self.started
+        self._idle_handle: asyncio.TimerHandle | None = None
+
+    # ------------------------------------------------------------------ client side
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.state.session_started(self)
+        self._schedule_idle_check()
+        self._connect_backend()
+
+    def data_received(self, data: bytes) -> None:
+        if self._closing:
+            return
+        self._last_activity = time.monotonic()
+        try:
+            commands = self._framer.feed(data)
+        except ProtocolError as exc:
+            self._protocol_error(str(exc))
+            return
+        if commands:
+            self._handle(commands)
+
+    def eof_received(self) -> bool | None:
+        # A client that half-closes still gets the replies it is owed.
+        self._closing = True
+        self._close_when_drained()
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closing = True
+        if self._idle_handle is not None:
+            self._idle_handle.cancel()
+        if self._connecting is not None:
+            self._connecting.cancel()
+        if self.backend is not None:
+            self.backend.user = None
+            self.backend.close()
+        self.state.session_ended(self, "client closed" if exc is None else str(exc))
+
+    def pause_writing(self) -> None:
+        # The client reads slower than we produce: stop both sources of its replies.
+        self._pause_client("client-write")
+        if self.backend is not None and self.backend.transport is not None:
+            self.backend.transport.pause_reading()
+            self._backend_reading_paused = True
+
+    def resume_writing(self) -> None:
+        self._resume_client("client-write")
+        if self._backend_reading_paused and self.backend is not None and \
+                self.backend.transport is not None:
+            self._backend_reading_paused = False
+            self.backend.transport.resume_reading()
+
+    # ------------------------------------------------------------------ requests
+    def _handle(self, commands: list[list[bytes]]) -> None:
+        out: list[bytes] = []
+        pending = self._pending
+        decide = self._decide
+        role = self.role
+        for argv in commands:
+            self.commands += 1
+            name = argv[0].lower()
+            special = _SPECIAL.get(name)
+            if special is not None:
+                special(self, argv, out)
+                continue
+            if self._monitor:
+                self._local(canned.error("phiproxy: only QUIT is allowed on a MONITOR connection"))
+                continue
+            decision = decide(role, argv)
+            if not decision.allowed:
+                self._refuse(decision)
+                continue
+            if decision.reply_filter is not None:
+                self._forward_filtered(argv, decision, out)
+                continue
+            out.append(encode_command(argv))
+            if self._reply_mode == 0:
+                pending.append(RAW)
+            elif self._reply_mode == 2:
+                self._reply_mode = 0
+        if out:
+            self._send(b"".join(out) if len(out) > 1 else out[0])
+
+    def _send(self, data: bytes) -> None:
+        backend = self.backend
+        if backend is not None and not backend.closed:
+            backend.write(data)
+            return
+        self._early.append(data)
+        if backend is None:
+            self._pause_client("backend-connect")
+            self._connect_backend()
+        else:
+            self._fail_pending()
+
+    def _push_pending(self, entry: Any) -> None:
+        self._pending.append(entry)
+        self._special += 1
+
+    def _local(self, reply: bytes) -> None:
+        """Queue a reply the proxy made itself; it goes out once earlier replies have."""
+        if self._reply_mode != 0:
+            if self._reply_mode == 2:
+                self._reply_mode = 0
+            return
+        if self._pending:
+            self._push_pending(reply)
+        elif self.transport is not None:
+            self.transport.write(reply)
+
+    def _refuse(self, decision: Decision) -> None:
+        if self._in_multi:
+            self._multi_dirty = True  # Redis aborts the transaction at EXEC
+        self.state.command_refused(self, decision)
+        self._local(decision.error)
+
+    def _forward_filtered(self, argv: list[bytes], decision: Decision, out: list[bytes]) -> None:
+        """KEYS/SCAN/PUBSUB CHANNELS for a role that may only learn some names."""
+        if self._in_multi:
+            # Inside MULTI the reply comes back inside EXEC's array, out of the filter's
+            # reach: refuse rather than leak names beyond the role's patterns.
+            self._refuse(Decision(
+                allowed=False, command=decision.command, extra="keyspace",
+                reason=f"keyspace: '{decision.command}' inside MULTI cannot be filtered",
+                error=canned.error(
+                    f"phiproxy: '{decision.command}' cannot be filtered inside MULTI; "
+                    "run it outside the transaction", prefix="NOPERM")))
+            return
+        out.append(encode_command(argv))
+        if self._reply_mode == 0:
+            self._push_pending(Pending(K_FILTER, filter=decision.reply_filter))
+        elif self._reply_mode == 2:
+            self._reply_mode = 0
+
+    def _decide_special(self, argv: list[bytes]) -> bool:
+        """Policy for a command the session also handles itself; refuses when denied."""
+        decision = self._decide(self.role, argv)
+        if not decision.allowed:
+            self._refuse(decision)
+            return False
+        return True
+
+    def _forward_tracked(self, argv: list[bytes], out: list[bytes], entry: Pending) -> None:
+        out.append(encode_command(argv))
+        if self._reply_mode == 0:
+            self._push_pending(entry)
+        elif self._reply_mode == 2:
+            self._reply_mode = 0
+
+    # Special commands. Each is decided by the policy unless it never reaches the backend.
+    def _cmd_auth(self, argv: list[bytes], out: list[bytes]) -> None:
+        # The certificate is the identity; the client's password is never forwarded.
+        if len(argv) not in (2, 3):
+            self._local(canned.error("wrong number of arguments for 'auth' command"))
+            return
+        self.state.client_auth(self, argv[1].decode("utf-8", "replace") if len(argv) == 3 else None)
+        if self._in_multi:
+            self._multi_dirty = True
+            self._local(canned.error("phiproxy: AUTH inside MULTI is not supported"))
+            return
+        self._local(canned.OK)
+
+    def _cmd_hello(self, argv: list[bytes], out: list[bytes]) -> None:
+        # HELLO [protover [AUTH username password] [SETNAME name]]: the AUTH part is
+        # answered here (audited, never forwarded); the rest goes to Redis.
+        stripped = argv[:2]
+        i = 2
+        while i < len(argv):
+            if argv[i].lower() == b"auth":
+                if i + 2 >= len(argv):
+                    self._local(canned.error("Syntax error in HELLO option 'auth'"))
+                    return
+                self.state.client_auth(self, argv[i + 1].decode("utf-8", "replace"))
+                i += 3
+                continue
+            stripped.append(argv[i])
+            i += 1
+        if not self._decide_special(stripped):
+            return
+        try:
+            proto = int(stripped[1]) if len(stripped) > 1 else self._proto
+        except ValueError:
+            proto = self._proto
+        self._forward_tracked(stripped, out, Pending(K_HELLO, arg=proto))
+
+    def _cmd_select(self, argv: list[bytes], out: list[bytes]) -> None:
+        if not self._decide_special(argv):
+            return
+        try:
+            db = int(argv[1]) if len(argv) == 2 else -1
+        except ValueError:
+            db = -1
+        self._forward_tracked(argv, out, Pending(K_SELECT, arg=db))
+
+    def _cmd_subscribe(self, argv: list[bytes], out: list[bytes]) -> None:
+        if not self._decide_special(argv):
+            return
+        sub_kind = SUB_NAMES[argv[0].lower()]
+        # Redis confirms each argument; without arguments, each current subscription
+        # (at least one), which is only known when this entry reaches the head.
+        remaining = len(argv) - 1 if len(argv) > 1 else -1
+        self._forward_tracked(argv, out, Pending(K_SUB, remaining=remaining, sub_kind=sub_kind))
+
+    def _cmd_multi(self, argv: list[bytes], out: list[bytes]) -> None:
+        if not self._decide_special(argv):
+            return
+        if len(argv) == 1:
+            if not self._in_multi:
+                self._multi_dirty = False
+            self._in_multi = True
+        self._forward_raw(argv, out)
+
+    def _cmd_exec(self, argv: list[bytes], out: list[bytes]) -> None:
+        if not self._decide_special(argv):
+            return
+        if self._in_multi and self._multi_dirty and len(argv) == 1:
+            # A command of this transaction was refused here, so Redis never queued it:
+            # discard the rest and answer as Redis does for a transaction with errors.
+            self._in_multi = self._multi_dirty = False
+            self._forward_tracked([b"DISCARD"], out, Pending(K_REPLACE, data=canned.EXECABORT))
+            return
+        if len(argv) == 1:
+            self._in_multi = self._multi_dirty = False
+        self._forward_raw(argv, out)
+
+    def _cmd_discard(self, argv: list[bytes], out: list[bytes]) -> None:
+        if not self._decide_special(argv):
+            return
+        if len(argv) == 1:
+            self._in_multi = self._multi_dirty = False
+        self._forward_raw(argv, out)
+
+    def _cmd_reset(self, argv: list[bytes], out: list[bytes]) -> None:
+        if not self._decide_special(argv):
+            return
+        # RESET also logs the backend connection out: re-authenticate in the same write,
+        # so nothing a client sends can leave it with another identity.
+        self._forward_tracked(argv, out, Pending(K_RESET))
+        self._reply_mode = 0
+        self._in_multi = self._multi_dirty = False
+        auth = self.state.pool.auth
+        if auth is not None:
+            out.append(auth)
+            self._push_pending(Pending(K_SWALLOW))
+
+    def _cmd_quit(self, argv: list[bytes], out: list[bytes]) -> None:
+        # Answered here: the client's connection ends once every earlier reply is out.
+        self._local(canned.OK)
+        self._closing = True
+        if out:
+            self._send(b"".join(out))
+            out.clear()
+        self._close_when_drained()
+
+    def _cmd_client(self, argv: list[bytes], out: list[bytes]) -> None:
+        if not self._decide_special(argv):
+            return
+        if len(argv) == 3 and argv[1].lower() == b"reply":
+            mode = argv[2].lower()
+            if mode in (b"off", b"skip"):
+                # Redis sends no reply to these, nor to what they silence.
+                out.append(encode_command(argv))
+                self._reply_mode = 1 if mode == b"off" else 2
+                return
+            if mode == b"on":
+                self._reply_mode = 0
+        self._forward_raw(argv, out)
+
+    def _cmd_monitor(self, argv: list[bytes], out: list[bytes]) -> None:
+        if not self._decide_special(argv):
+            return
+        self._forward_tracked(argv, out, Pending(K_MONITOR))
+
+    def _forward_raw(self, argv: list[bytes], out: list[bytes]) -> None:
+        out.append(encode_command(argv))
+        if self._reply_mode == 0:
+            self._pending.append(RAW)
+        elif self._reply_mode == 2:
+            self._reply_mode = 0
+
+    # ------------------------------------------------------------------ replies
+    def backend_data(self, data: bytes) -> None:
+        transport = self.transport
+        if transport is None:
+            return
+        framer = self._replies
+        try:
+            if not self._special and self._frame_buf is None and not self._pubsub_context():
+                # Fast path: every reply answers a RAW entry; relay the chunk as it is.
+                framer.subscribed = False
+                replies = 0
+                for event in framer.feed(data):
+                    if event[1] == REPLY:
+                        replies += 1
+                pending = self._pending
+                if replies > len(pending):
+                    log.warning("unexpected replies from the backend for %s; relayed", self.src)
+                    replies = len(pending)
+                for _ in range(replies):
+                    pending.popleft()
+                self._frame_streamed = not framer.at_boundary
+                transport.write(data)
+                return
+            self._relay(data)
+        except ProtocolError as exc:
+            log.error("backend sent malformed RESP (%s); closing %s", exc, self.src)
+            self._abort_both()
+            return
+        if self._closing:
+            self._close_when_drained()
+
+    def _pubsub_context(self) -> bool:
+        """Whether frames may be pub/sub traffic: subscribed, monitoring, or subscribing."""
+        subs = self._subs
+        if self._monitor or subs["channels"] or subs["patterns"] or subs["shard"]:
+            return True
+        pending = self._pending
+        return bool(pending) and type(pending[0]) is Pending and pending[0].kind == K_SUB
+
+    def _relay(self, data: bytes) -> None:
+        """General path: frame by frame, so state changes apply exactly between frames."""
+        framer = self._replies
+        out: list[bytes] = []
+        pos, size = 0, len(data)
+        while pos < size:
+            if framer.at_boundary:
+                self._frame_first = data[pos]
+                self._frame_streamed = False
+            # RESP2 pub/sub messages are plain arrays: only recognised in pub/sub context.
+            framer.subscribed = self._proto == 2 and self._pubsub_context()
+            events = framer.feed(data, pos, 1)
+            if not events:  # the rest is the start of a frame that ends in a later chunk
+                tail = data[pos:]
+                if self._frame_buf is not None:
+                    self._frame_buf.append(tail)
+                elif self._head_needs_whole_frame():
+                    self._frame_buf = [tail]
+                else:
+                    out.append(tail)
+                    self._frame_streamed = True
+                break
+            end, kind, confirm = events[0]
+            chunk = data[pos:end]
+            pos = end
+            if self._frame_buf is not None:
+                self._frame_buf.append(chunk)
+                chunk = b"".join(self._frame_buf)
+                self._frame_buf = None
+                whole = True
+            else:
+                whole = not self._frame_streamed
+            self._frame_streamed = False
+            self._on_frame(kind, confirm, chunk, whole, out)
+        if out and self.transport is not None:
+            self.transport.write(b"".join(out))
+
+    def _on_frame(self, kind: int, confirm: SubConfirm | None, chunk: bytes, whole: bool,
+                  out: list[bytes]) -> None:
+        if self._monitor or kind == PUSH:
+            out.append(chunk)
+            return
+        pending = self._pending
+        self._release_locals(out)
+        if not pending:
+            log.warning("unexpected reply from the backend for %s; relayed", self.src)
+            out.append(chunk)
+            return
+        head = pending[0]
+        if head is RAW:
+            out.append(chunk)
+            pending.popleft()
+        else:
+            self._reply_to_entry(head, kind, confirm, chunk, whole, out)
+        self._release_locals(out)
+
+    def _head_needs_whole_frame(self) -> bool:
+        """Whether the frame now arriving must be held until complete (filter/swallow)."""
+        if self._monitor or not self._pending:
+            return False
+        head = self._pending[0]
+        return isinstance(head, Pending) and head.kind in (K_FILTER, K_SWALLOW, K_REPLACE)
+
+    def _release_locals(self, out: list[bytes]) -> None:
+        pending = self._pending
+        while pending and type(pending[0]) is bytes:
+            out.append(pending.popleft())
+            self._special -= 1
+
+    def _pop_special(self) -> None:
+        self._pending.popleft()
+        self._special -= 1
+
+    def _reply_to_entry(self, entry: Pending, kind: int, confirm: SubConfirm | None,
+                        chunk: bytes, whole: bool, out: list[bytes]) -> None:
+        is_error = self._frame_first == 0x2D  # '-'
+        k = entry.kind
+        if k == K_SUB:
+            out.append(chunk)
+            if kind == SUB_CONFIRM and confirm is not None:
+                if entry.remaining < 0:
+                    # Argument-less UNSUBSCRIBE: one confirmation per current subscription
+                    # of its kind, or one (nil channel) when there is none.
+                    entry.remaining = max(1, len(self._subs[entry.sub_kind]))
+                self._track_confirmation(confirm)
+                entry.remaining -= 1
+                if entry.remaining == 0:
+                    self._pop_special()
+            else:  # an error or +QUEUED answers the whole command
+                self._pop_special()
+            return
+        self._pop_special()
+        if k == K_FILTER:
+            out.append(entry.filter(chunk) if whole and not is_error else chunk)
+        elif k == K_SWALLOW:
+            if is_error:
+                log.error("backend refused the proxy's AUTH after RESET; closing %s", self.src)
+                self._closing = True
+        elif k == K_REPLACE:
+            out.append(entry.data)
+        else:
+            out.append(chunk)
+            if is_error:
+                return
+            if k == K_HELLO:
+                self._proto = entry.arg
+            elif k == K_SELECT:
+                self._db = entry.arg
+            elif k == K_RESET:
+                self._proto, self._db, self._monitor = 2, 0, False
+                for subs in self._subs.values():
+                    subs.clear()
+            elif k == K_MONITOR:
+                self._monitor = True
+
+    def _track_confirmation(self, confirm: SubConfirm) -> None:
+        if confirm.channel is None:
+            return
+        subs = self._subs[SUB_NAMES[confirm.name.lower()]]
+        if confirm.name.lower().endswith(b"unsubscribe"):
+            subs.discard(confirm.channel)
+        else:
+            subs.add(confirm.channel)
+
+    # ------------------------------------------------------------------ backend lifecycle
+    def _connect_backend(self) -> None:
+        if self.backend is not None or self._connecting is not None:
+            return
+        self._connecting = asyncio.get_running_loop().create_task(self._acquire_backend())
+
+    async def _acquire_backend(self) -> None:
+        try:
+            backend = await self.state.pool.acquire()
+        except BackendUnavailable:
+            self._connecting = None
+            self._early.clear()
+            self._fail_pending()
+            self._resume_client("backend-connect")
+            return
+        start_db = self._start_db()
+        if start_db:
+            # A role without database 0 starts in its first allowed database, confirmed
+            # before any command of the client's: Redis would put every client in db 0.
+            try:
+                line = await backend.call(
+                    encode_command([b"SELECT", str(start_db).encode()]),
+                    self.state.config.backend.connect_timeout_s)
+            except (BackendUnavailable, TimeoutError):
+                line = b"-ERR no reply"
+            if line != b"+OK":
+                log.error("backend refused SELECT %d for role %s: %r; closing %s",
+                          start_db, self.role_name, line[:200], self.src)
+                backend.close()
+                self._connecting = None
+                self._early.clear()
+                self._fail_pending()
+                self._closing = True
+                if self.transport is not None:
+                    self.transport.close()
+                return
+            self._db = start_db
+        self._connecting = None
+        if self._closing and self.transport is None:
+            backend.close()
+            return
+        self.backend = backend
+        backend.attach(self)
+        if self._early:
+            backend.write(b"".join(self._early))
+            self._early.clear()
+        self._resume_client("backend-connect")
+
+    def _start_db(self) -> int:
+        dbs = getattr(self.role, "dbs", None)
+        return min(dbs) if dbs and 0 not in dbs else 0
+
+    def _fail_pending(self) -> None:
+        """Answer every request still owed a reply with `backend unavailable`, in order."""
+        out: list[bytes] = []
+        while self._pending:
+            entry = self._pending.popleft()
+            if type(entry) is bytes:
+                out.append(entry)
+            elif entry is RAW or entry.kind != K_SWALLOW:
+                out.append(canned.BACKEND_UNAVAILABLE)
+        self._special = 0
+        self._frame_buf = None
+        self._frame_streamed = False
+        if out and self.transport is not None:
+            self.transport.write(b"".join(out))
+
+    def backend_lost(self, exc: Exception | None) -> None:
+        self.backend = None
+        if self.transport is None or self.transport.is_closing():
+            return
+        if self._closing:
+            self._close_when_drained(force=True)
+            return
+        log.warning("backend connection of %s lost%s", self.src, f": {exc}" if exc else "")
+        self.state.backend_lost(self)
+        # The backend's connection state (db, MULTI, subscriptions) is gone with it: answer
+        # what is owed, then close, rather than silently continue on a fresh connection.
+        self._fail_pending()
+        self._closing = True
+        self.transport.close()
+
+    def backend_pause_writing(self) -> None:
+        self._pause_client("backend-write")
+
+    def backend_resume_writing(self) -> None:
+        self._resume_client("backend-write")
+
+    # ------------------------------------------------------------------ helpers
+    def _pause_client(self, reason: str) -> None:
+        if not self._client_paused_reasons and self.transport is not None:
+            self.transport.pause_reading()
+        self._client_paused_reasons.add(reason)
+
+    def _resume_client(self, reason: str) -> None:
+        self._client_paused_reasons.discard(reason)
+        if not self._client_paused_reasons and self.transport is not None and \
+                not self.transport.is_closing():
+            self.transport.resume_reading()
+
+    def _protocol_error(self, message: str) -> None:
+        self.state.events.protocol_error(self.src, message)
+        # Nothing of this read reaches the backend, not even the well-formed commands
+        # before the bad one (SPEC §7; Redis would run them): a client that sends garbage
+        # is not trusted with the rest. Replies owed for earlier reads still go out first.
+        self._closing = True
+        self._framer = None  # type: ignore[assignment]
+        self._reply_mode = 0  # Redis sends protocol errors even with CLIENT REPLY OFF
+        self._local(canned.protocol_error(message))
+        self._close_when_drained()
+
+    def _close_when_drained(self, force: bool = False) -> None:
+        if self.transport is None or self.transport.is_closing():
+            return
+        if force or not self._pending:
+            if self._pending:
+                self._fail_pending()
+            self.transport.close()
+            return
+        # Bound the wait for owed replies.
+        asyncio.get_running_loop().call_later(
+            self.state.drain_timeout_s, self._close_when_drained, True)
+
+    def _abort_both(self) -> None:
+        if self.backend is not None:
+            self.backend.user = None
+            self.backend.abort()
+            self.backend = None
+        if self.transport is not None:
+            self.transport.abort()
+
+    def _schedule_idle_check(self) -> None:
+        timeout = self.state.config.listener.idle_timeout_s
+        if timeout > 0:
+            self._idle_handle = asyncio.get_running_loop().call_later(timeout, self._idle_check)
+
+    def _idle_check(self) -> None:
+        timeout = self.state.config.listener.idle_timeout_s
+        idle_for = time.monotonic() - self._last_activity
+        # Like Redis's `timeout`: blocked, subscribed and monitoring clients are not idle.
+        busy = self._pending or self._pubsub_context()
+        if idle_for >= timeout and not busy and self.transport is not None:
+            log.info("closing idle connection from %s after %.0f s", self.src, idle_for)
+            self._closing = True
+            self.transport.close()
+            return
+        delay = timeout - idle_for if idle_for < timeout else timeout
+        self._idle_handle = asyncio.get_running_loop().call_later(delay, self._idle_check)
+
+    def drain(self) -> None:
+        """Shutdown: stop reading; close once owed replies are out (bounded)."""
+        self._closing = True
+        self._pause_client("shutdown")
+        self._close_when_drained()
+
+
+_SPECIAL: dict[bytes, Callable[[Session, list[bytes], list[bytes]], None]] = {
+    b"auth": Session._cmd_auth,
+    b"hello": Session._cmd_hello,
+    b"select": Session._cmd_select,
+    b"subscribe": Session._cmd_subscribe,
+    b"psubscribe": Session._cmd_subscribe,
+    b"ssubscribe": Session._cmd_subscribe,
+    b"unsubscribe": Session._cmd_subscribe,
+    b"punsubscribe": Session._cmd_subscribe,
+    b"sunsubscribe": Session._cmd_subscribe,
+    b"multi": Session._cmd_multi,
+    b"exec": Session._cmd_exec,
+    b"discard": Session._cmd_discard,
+    b"reset": Session._cmd_reset,
+    b"quit": Session._cmd_quit,
+    b"client": Session._cmd_client,
+    b"monitor": Session._cmd_monitor,
+}

@@ -1,0 +1,73 @@
+"""TLS contexts: the client-facing listener (mutual TLS) and the backend connection.
+
+Listener: TLS 1.2 floor (1.3 when `min_tls = "1.3"`), 1.3 preferred (OpenSSL picks the
+highest common version), for 1.2 only ECDHE key exchange with AES-GCM or ChaCha20-Poly1305,
+server cipher order, no compression, no renegotiation, client certificate required and
+verified against `client_ca` (and the CRL when configured). Expired certificates fail
+OpenSSL's own verification.
+"""
+
+from __future__ import annotations
+
+import ssl
+
+from proxy.config import BackendConfig, ListenerConfig
+
+# TLS 1.2 suites: ECDHE (forward secrecy) + AEAD only. TLS 1.3 suites are all AEAD.
+TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20:!aNULL:!eNULL"
+
+_VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
+
+
+class TLSConfigError(Exception):
+    """A certificate, key, CA or CRL could not be loaded; the message names the file."""
+
+
+def _load_chain(ctx: ssl.SSLContext, cert: object, key: object, what: str) -> None:
+    try:
+        ctx.load_cert_chain(str(cert), str(key))
+    except (ssl.SSLError, OSError) as exc:
+        raise TLSConfigError(
+            f"{what}: cannot load certificate {cert} with key {key}: {exc}; "
+            "check that both are PEM and that the key belongs to the certificate"
+        ) from exc
+
+
+def _load_verify(ctx: ssl.SSLContext, path: object, what: str) -> None:
+    try:
+        ctx.load_verify_locations(cafile=str(path))
+    except (ssl.SSLError, OSError) as exc:
+        raise TLSConfigError(f"{what}: cannot load {path}: {exc}; it must be PEM") from exc
+
+
+def listener_context(cfg: ListenerConfig) -> ssl.SSLContext:
+    """The SSLContext that terminates client mutual TLS."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = _VERSIONS[cfg.min_tls]
+    ctx.maximum_version = ssl.TLSVersion.MAXIMUM_SUPPORTED
+    ctx.set_ciphers(TLS12_CIPHERS)
+    ctx.options |= (
+        ssl.OP_CIPHER_SERVER_PREFERENCE
+        | ssl.OP_NO_COMPRESSION
+        | ssl.OP_NO_RENEGOTIATION
+        | ssl.OP_SINGLE_ECDH_USE
+    )
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    _load_chain(ctx, cfg.cert, cfg.key, "[listener] cert/key")
+    _load_verify(ctx, cfg.client_ca, "[listener] client_ca")
+    if cfg.crl is not None:
+        _load_verify(ctx, cfg.crl, "[listener] crl")
+        ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
+    ctx.verify_flags |= ssl.VERIFY_X509_STRICT
+    return ctx
+
+
+def backend_context(cfg: BackendConfig) -> ssl.SSLContext:
+    """The SSLContext for the proxy's own connections to the backend Redis."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # check_hostname and CERT_REQUIRED on
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.set_ciphers(TLS12_CIPHERS)
+    ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
+    _load_verify(ctx, cfg.ca, "[backend] ca")  # the only trust anchor: no system store
+    _load_chain(ctx, cfg.cert, cfg.key, "[backend] cert/key")
+    return ctx

@@ -1,0 +1,114 @@
+#!/usr/bin/env bash
+# The demo: a development PKI, a TLS-only backend redis-server, phiproxy in front of it, and
+# redis-cli talking through the proxy as mapped (and unmapped) clients. Everything lives in
+# ./demo-run (recreated each time) and is stopped on exit.
+set -euo pipefail
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+source "$ROOT/scripts/bootstrap.sh"
+cd "$ROOT"
+
+RUN="$ROOT/demo-run"
+rm -rf "$RUN" && mkdir -p "$RUN" && chmod 700 "$RUN"
+free_port() { python -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+BACKEND_PORT=$(free_port)
+PROXY_PORT=$(free_port)
+PIDS=()
+cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
+trap cleanup EXIT
+step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+show() { printf '$ %s\n' "$*"; "$@" 2>&1 | sed 's/^/  /' || true; }
+
+step "1. development PKI (phiproxy certs dev)"
+phiproxy certs dev --out "$RUN/certs" --client billing-service --client reports --client intruder \
+  | sed "s|$RUN/||" | tr '\n' ' '; echo
+
+step "2. TLS-only backend redis-server on 127.0.0.1:$BACKEND_PORT (plaintext port off, client certs required)"
+(umask 077; head -c 24 /dev/urandom | base64 | tr -d '/+=' >"$RUN/backend.pass")
+cat >"$RUN/redis-users.acl" <<ACL
+user default off
+user phiproxy on >$(cat "$RUN/backend.pass") ~* &* +@all
+ACL
+chmod 600 "$RUN/redis-users.acl"
+redis-server --port 0 --tls-port "$BACKEND_PORT" --bind 127.0.0.1 \
+  --tls-cert-file "$RUN/certs/backend.pem" --tls-key-file "$RUN/certs/backend-key.pem" \
+  --tls-ca-cert-file "$RUN/certs/backend-ca.pem" --tls-auth-clients yes \
+  --aclfile "$RUN/redis-users.acl" --save '' --appendonly no --dir "$RUN" \
+  --logfile "$RUN/redis.log" &
+PIDS+=($!)
+
+step "3. phiproxy on 127.0.0.1:$PROXY_PORT (mutual TLS in, TLS + AUTH out)"
+cat >"$RUN/phiproxy.toml" <<TOML
+[listener]
+address = "127.0.0.1"
+port = $PROXY_PORT
+cert = "certs/proxy.pem"
+key = "certs/proxy-key.pem"
+client_ca = "certs/clients-ca.pem"
+crl = "certs/clients.crl"
+allow_networks = ["127.0.0.0/8"]
+
+[backend]
+address = "127.0.0.1"
+port = $BACKEND_PORT
+ca = "certs/backend-ca.pem"
+server_name = "localhost"
+cert = "certs/proxy-client.pem"
+key = "certs/proxy-client-key.pem"
+username = "phiproxy"
+password_file = "backend.pass"
+
+[roles.writer]
+acl = "+@read +@write -@dangerous ~app:phi:* &app:events:*"
+
+[roles.reader]
+acl = "+@read -@dangerous ~app:phi:*"
+
+[[identities]]
+subject_cn = "billing-service"
+role = "writer"
+
+[[identities]]
+subject_cn = "reports"
+role = "reader"
+TOML
+show phiproxy check-config -c "$RUN/phiproxy.toml"
+phiproxy run -c "$RUN/phiproxy.toml" 2>"$RUN/proxy.log" &
+PIDS+=($!)
+for _ in $(seq 100); do
+  (exec 3<>"/dev/tcp/127.0.0.1/$PROXY_PORT") 2>/dev/null && break
+  sleep 0.1
+done
+
+cli() { # client-name args...
+  local name=$1; shift
+  redis-cli --tls -h 127.0.0.1 -p "$PROXY_PORT" --cacert "$RUN/certs/clients-ca.pem" \
+    --cert "$RUN/certs/client-$name.pem" --key "$RUN/certs/client-$name-key.pem" "$@"
+}
+
+step "4. billing-service (role writer) stores and reads PHI through the proxy"
+show cli billing-service SET app:phi:patient:1001 '{"name":"Jane Doe","mrn":"A-1001"}'
+show cli billing-service GET app:phi:patient:1001
+show cli billing-service AUTH legacy-user legacy-password
+printf '$ printf "PING\\r\\nINCR app:phi:visits\\r\\n" | redis-cli --tls ... (inline commands, pipelined)\n'
+printf 'PING\r\nINCR app:phi:visits\r\nGET app:phi:visits\r\n' | cli billing-service 2>&1 | sed 's/^/  /'
+
+step "5. reports (role reader) reads; writes and other keys are refused with NOPERM"
+show cli reports GET app:phi:patient:1001
+show cli reports SET app:phi:patient:1001 overwritten
+show cli reports GET billing:invoice:7
+show cli reports FLUSHALL
+
+step "6. refused before any command: unmapped certificate, no certificate"
+show cli intruder PING
+printf '$ redis-cli --tls (no client certificate) PING\n'
+redis-cli --tls -h 127.0.0.1 -p "$PROXY_PORT" --cacert "$RUN/certs/clients-ca.pem" PING 2>&1 | sed 's/^/  /' || true
+
+step "7. the backend saw the proxy's identity, never the clients' passwords"
+show redis-cli --tls -h 127.0.0.1 -p "$BACKEND_PORT" --cacert "$RUN/certs/backend-ca.pem" \
+  --cert "$RUN/certs/proxy-client.pem" --key "$RUN/certs/proxy-client-key.pem" \
+  --user phiproxy --pass "$(cat "$RUN/backend.pass")" --no-auth-warning GET app:phi:patient:1001
+
+step "8. what the proxy logged (stderr)"
+sleep 0.2
+sed 's/^/  /' "$RUN/proxy.log"
+printf '\nDemo files are in %s (certificates, configuration, logs).\n' "$RUN"
