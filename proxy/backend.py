@@ -14,6 +14,8 @@ import ssl
 from collections import deque
 from typing import Any, Protocol
 
+import hiredis
+
 from proxy.config import BackendConfig
 from proxy.resp.request import encode_command
 
@@ -49,8 +51,9 @@ class BackendConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.user: BackendUser | None = None
         self.closed = False
-        self._handshake_buffer = bytearray()
-        self._reply_waiter: asyncio.Future[bytes] | None = None
+        self._handshake_buffer = bytearray()  # bytes no session has taken yet
+        self._reader: Any = None  # hiredis.Reader for the proxy's own request, if any
+        self._reply_waiter: asyncio.Future[Any] | None = None
         self._paused_by_us = False
 
     # --- asyncio.Protocol
@@ -64,13 +67,19 @@ class BackendConnection(asyncio.Protocol):
         if self.user is not None:
             self.user.backend_data(data)
             return
-        # Before a session owns it, the only reply is the one to our own AUTH.
-        self._handshake_buffer += data
+        # Before a session owns it, the only replies are to the proxy's own requests.
         waiter = self._reply_waiter
-        if waiter is not None and not waiter.done() and b"\r\n" in self._handshake_buffer:
-            line, _, rest = bytes(self._handshake_buffer).partition(b"\r\n")
-            self._handshake_buffer = bytearray(rest)
-            waiter.set_result(line)
+        if waiter is None or waiter.done():
+            self._handshake_buffer += data
+            return
+        try:
+            self._reader.feed(data)
+            reply = self._reader.gets()
+        except hiredis.ProtocolError as exc:
+            waiter.set_exception(BackendUnavailable(f"backend sent malformed RESP: {exc}"))
+            return
+        if reply is not False:
+            waiter.set_result(reply)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -89,22 +98,24 @@ class BackendConnection(asyncio.Protocol):
             self.user.backend_resume_writing()
 
     # --- used by the pool and the session
-    async def call(self, command: bytes, timeout: float) -> bytes:
+    async def request(self, command: bytes, timeout: float) -> Any:
         """Send one of the proxy's own commands before a session owns the connection and
-        return the first line of its reply (only for replies that are one line)."""
+        return its decoded reply (hiredis: errors come back as hiredis.ReplyError)."""
         assert self.transport is not None and self.user is None
+        self._reader = hiredis.Reader()
         self._reply_waiter = asyncio.get_running_loop().create_future()
         self.transport.write(command)
         try:
             return await asyncio.wait_for(self._reply_waiter, timeout)
         finally:
             self._reply_waiter = None
+            self._reader = None
 
     async def authenticate(self, command: bytes, timeout: float) -> None:
-        line = await self.call(command, timeout)
-        if line != b"+OK":
+        reply = await self.request(command, timeout)
+        if reply != b"OK":
             # Never echo the password; Redis's error text does not contain it.
-            raise BackendUnavailable(f"backend refused the proxy's AUTH: {line[:200]!r}")
+            raise BackendUnavailable(f"backend refused the proxy's AUTH: {reply!s:.200}")
 
     def attach(self, user: BackendUser) -> None:
         """Hand the connection to a session; bytes that arrived meanwhile are delivered."""

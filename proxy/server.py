@@ -14,7 +14,7 @@ import struct
 from collections.abc import Callable
 from typing import Any
 
-from proxy.backend import BackendPool
+from proxy.backend import BackendPool, BackendUnavailable
 from proxy.config import Config
 from proxy.events import Events
 from proxy.identity import identity_from_der, map_role
@@ -223,6 +223,36 @@ def _tune_client_socket(sock: Any, keepalive: bool) -> None:
         pass
 
 
+async def learn_backend_commands(state: ServerState) -> None:
+    """`backend.learn_commands`: add the backend's own commands that the shipped table lacks
+    (a newer Redis), then compile the roles again so their rules cover them."""
+    from proxy.commands.table import default_table, extend_from_command_reply
+    from proxy.policy.engine import compile_roles
+    from proxy.resp.request import encode_command
+
+    try:
+        conn = await state.pool.open()
+    except BackendUnavailable as exc:
+        log.warning("learn_commands: backend unreachable (%s); using the shipped command "
+                    "table (unknown commands stay refused)", exc)
+        return
+    try:
+        reply = await conn.request(encode_command([b"COMMAND"]), 10.0)
+    except (BackendUnavailable, TimeoutError) as exc:
+        log.warning("learn_commands: COMMAND failed (%s); using the shipped table", exc)
+        return
+    finally:
+        conn.close()
+    if not isinstance(reply, list):
+        log.warning("learn_commands: COMMAND was refused (%s); using the shipped table", reply)
+        return
+    table = default_table()
+    added = extend_from_command_reply(table, reply)
+    state.roles = compile_roles(state.config.roles, table)
+    log.info("learn_commands: %d commands learned from the backend%s", len(added),
+             f": {', '.join(added[:20])}" if added else "")
+
+
 def listen_socket(address: str, port: int) -> socket.socket:
     """A non-blocking listening TCP socket (IPv4 or IPv6 by the address)."""
     infos = socket.getaddrinfo(address or None, port, type=socket.SOCK_STREAM,
@@ -249,6 +279,8 @@ async def serve(state: ServerState, *, ready: Callable[[], None] | None = None) 
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(
         signal.SIGHUP, lambda: log.warning("SIGHUP: reload is not implemented yet; ignored"))
+    if state.config.backend.learn_commands:
+        await learn_backend_commands(state)
     state.pool.start()
     acceptor = Acceptor(state, listen_socket(cfg.address, cfg.port))
     acceptor.start()

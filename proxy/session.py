@@ -572,14 +572,14 @@ class Session(asyncio.Protocol):
             # A role without database 0 starts in its first allowed database, confirmed
             # before any command of the client's: Redis would put every client in db 0.
             try:
-                line = await backend.call(
+                reply = await backend.request(
                     encode_command([b"SELECT", str(start_db).encode()]),
                     self.state.config.backend.connect_timeout_s)
-            except (BackendUnavailable, TimeoutError):
-                line = b"-ERR no reply"
-            if line != b"+OK":
-                log.error("backend refused SELECT %d for role %s: %r; closing %s",
-                          start_db, self.role_name, line[:200], self.src)
+            except (BackendUnavailable, TimeoutError) as exc:
+                reply = exc
+            if reply != b"OK":
+                log.error("backend refused SELECT %d for role %s: %s; closing %s",
+                          start_db, self.role_name, reply, self.src)
                 backend.close()
                 self._connecting = None
                 self._early.clear()

@@ -89,8 +89,8 @@ step "4. billing-service (role writer) stores and reads PHI through the proxy"
 show cli billing-service SET app:phi:patient:1001 '{"name":"Jane Doe","mrn":"A-1001"}'
 show cli billing-service GET app:phi:patient:1001
 show cli billing-service AUTH legacy-user legacy-password
-printf '$ printf "PING\\r\\nINCR app:phi:visits\\r\\n" | redis-cli --tls ... (inline commands, pipelined)\n'
-printf 'PING\r\nINCR app:phi:visits\r\nGET app:phi:visits\r\n' | cli billing-service 2>&1 | sed 's/^/  /'
+echo '$ printf "INCR app:phi:visits\r\nINCR app:phi:visits\r\nGET app:phi:visits\r\n" | redis-cli --tls ...  # several commands from stdin'
+printf 'INCR app:phi:visits\r\nINCR app:phi:visits\r\nGET app:phi:visits\r\n' | cli billing-service 2>&1 | sed 's/^/  /'
 
 step "5. reports (role reader) reads; writes and other keys are refused with NOPERM"
 show cli reports GET app:phi:patient:1001
@@ -103,10 +103,19 @@ show cli intruder PING
 printf '$ redis-cli --tls (no client certificate) PING\n'
 redis-cli --tls -h 127.0.0.1 -p "$PROXY_PORT" --cacert "$RUN/certs/clients-ca.pem" PING 2>&1 | sed 's/^/  /' || true
 
-step "7. the backend saw the proxy's identity, never the clients' passwords"
-show redis-cli --tls -h 127.0.0.1 -p "$BACKEND_PORT" --cacert "$RUN/certs/backend-ca.pem" \
-  --cert "$RUN/certs/proxy-client.pem" --key "$RUN/certs/proxy-client-key.pem" \
-  --user phiproxy --pass "$(cat "$RUN/backend.pass")" --no-auth-warning GET app:phi:patient:1001
+step "6b. why: phiproxy explain (the role, the decision and the rule that decided)"
+show phiproxy explain -c "$RUN/phiproxy.toml" --cert "$RUN/certs/client-reports.pem" -- FLUSHALL
+printf 'GET app:phi:patient:1001\nSET app:phi:patient:1001 x\nKEYS *\n' | \
+  phiproxy explain -c "$RUN/phiproxy.toml" --role writer 2>/dev/null | sed 's/^/  /'
+
+step "7. the backend, read directly with the proxy's own identity (password from backend.pass)"
+direct() {
+  REDISCLI_AUTH=$(cat "$RUN/backend.pass") redis-cli --tls -h 127.0.0.1 -p "$BACKEND_PORT" \
+    --cacert "$RUN/certs/backend-ca.pem" --cert "$RUN/certs/proxy-client.pem" \
+    --key "$RUN/certs/proxy-client-key.pem" --user phiproxy "$@"
+}
+show direct GET app:phi:patient:1001
+show direct ACL WHOAMI
 
 step "8. what the proxy logged (stderr)"
 sleep 0.2

@@ -117,7 +117,8 @@ class RedisServer:
                 self.proc.kill()
 
 
-def start_redis(pki: PKI, workdir: Path, port: int | None = None) -> RedisServer:
+def start_redis(pki: PKI, workdir: Path, port: int | None = None,
+                extra: tuple[str, ...] = ()) -> RedisServer:
     require("redis-server")
     port = port or free_port()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -131,6 +132,7 @@ def start_redis(pki: PKI, workdir: Path, port: int | None = None) -> RedisServer
         # redis-server joins command-line words into config lines: one word per argument.
         "--user", "default", "off",
         "--user", BACKEND_USER, "on", f">{BACKEND_PASSWORD}", "~*", "&*", "+@all",
+        *extra,
     ]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_port(port, proc)

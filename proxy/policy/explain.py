@@ -6,11 +6,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from proxy.policy.engine import CompiledRole, evaluate
-
-_ESCAPES = {ord("n"): 0x0A, ord("r"): 0x0D, ord("t"): 0x09, ord("b"): 0x08, ord("a"): 0x07}
-_HEX = b"0123456789abcdefABCDEF"
-_SPACE = b" \t\n\v\f\r"  # C isspace: skipped between words, allowed after a closing quote
-_WORD_END = b" \t\n\r"  # what ends an unquoted word (not \v or \f, as in sds.c)
+from proxy.resp.request import ProtocolError, split_inline
 
 
 def explain_command(role_name: str, role: CompiledRole, argv: Sequence[bytes]) -> dict[str, Any]:
@@ -27,66 +23,13 @@ def explain_command(role_name: str, role: CompiledRole, argv: Sequence[bytes]) -
 
 
 def split_args(line: bytes) -> list[bytes]:
-    """Split a line the way redis-cli does (sds.c sdssplitargs): double quotes with
-    backslash escapes (\\n, \\xHH, ...), single quotes with \\' only; a closing quote
-    must end the word. Raises ValueError on unbalanced quotes."""
-    out: list[bytes] = []
-    line = line.split(b"\0", 1)[0]  # a C string ends at NUL
-    n, p = len(line), 0
-    while True:
-        while p < n and line[p] in _SPACE:
-            p += 1
-        if p >= n:
-            return out
-        word = bytearray()
-        in_double = in_single = False
-        while True:
-            if in_double:
-                if p >= n:
-                    raise ValueError("unbalanced double quotes")
-                c = line[p]
-                if c == 0x5C and p + 3 < n and line[p + 1] == ord("x") \
-                        and line[p + 2] in _HEX and line[p + 3] in _HEX:
-                    word.append(int(line[p + 2:p + 4], 16))
-                    p += 3
-                elif c == 0x5C and p + 1 < n:
-                    p += 1
-                    word.append(_ESCAPES.get(line[p], line[p]))
-                elif c == 0x22:
-                    if p + 1 < n and line[p + 1] not in _SPACE:
-                        raise ValueError("closing quote must be followed by a space")
-                    p += 1
-                    break
-                else:
-                    word.append(c)
-            elif in_single:
-                if p >= n:
-                    raise ValueError("unbalanced single quotes")
-                c = line[p]
-                if c == 0x5C and p + 1 < n and line[p + 1] == 0x27:
-                    p += 1
-                    word.append(0x27)
-                elif c == 0x27:
-                    if p + 1 < n and line[p + 1] not in _SPACE:
-                        raise ValueError("closing quote must be followed by a space")
-                    p += 1
-                    break
-                else:
-                    word.append(c)
-            else:
-                if p >= n:
-                    break
-                c = line[p]
-                if c in _WORD_END:
-                    break
-                if c == 0x22:
-                    in_double = True
-                elif c == 0x27:
-                    in_single = True
-                else:
-                    word.append(c)
-            p += 1
-        out.append(bytes(word))
+    """Split a line the way redis-cli does: sdssplitargs, as Redis splits inline commands
+    (double quotes with backslash escapes, single quotes with \\' only; a closing quote
+    must end the word). A C string ends at NUL. Raises ValueError on unbalanced quotes."""
+    try:
+        return split_inline(line.split(b"\0", 1)[0])
+    except ProtocolError as exc:
+        raise ValueError(str(exc)) from exc
 
 
 def split_like_redis_cli(line: str) -> list[str]:

@@ -167,6 +167,18 @@ def test_redis_cli_inline_and_pipe(proxy: Proxy, backend: RedisServer) -> None:
     assert backend.client().get("app:phi:pipe:1999") == b"1999"
 
 
+def test_inline_commands_with_quotes(proxy: Proxy, backend: RedisServer) -> None:
+    ctx = proxy.ssl_context("app-writer")
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as raw, \
+            ctx.wrap_socket(raw, server_hostname="localhost") as tls:
+        tls.sendall(b'SET app:phi:inline "a b\\x41"\r\n\r\nget app:phi:inline\r\n')
+        data = b""
+        while data.count(b"\r\n") < 3 and (chunk := tls.recv(1024)):
+            data += chunk
+    assert data == b"+OK\r\n$4\r\na bA\r\n"
+    assert backend.client().get("app:phi:inline") == b"a bA"
+
+
 def test_malformed_request_closes_only_that_connection(proxy: Proxy,
                                                        backend: RedisServer) -> None:
     survivor = proxy.client()
