@@ -13,15 +13,15 @@ WORK=$(mktemp -d /tmp/phiproxy-bench.XXXXXX)
 PIDS=()
 cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null; rm -rf "$WORK"; }
 trap cleanup EXIT
-pin() { if command -v taskset >/dev/null; then taskset -c "$1" "${@:2}"; else "${@:2}"; fi; }
+pin() { if command -v taskset >/dev/null; then exec taskset -c "$1" "${@:2}"; else exec "${@:2}"; fi; }
 free_port() { python -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
 phiproxy certs dev --out "$WORK/pki" --client bench >/dev/null
 BACKEND=$(free_port); PROXY=$(free_port)
-pin 0 redis-server --port 0 --tls-port "$BACKEND" --bind 127.0.0.1 --save '' --appendonly no \
+(pin 0 redis-server --port 0 --tls-port "$BACKEND" --bind 127.0.0.1 --save '' --appendonly no \
   --tls-cert-file "$WORK/pki/backend.pem" --tls-key-file "$WORK/pki/backend-key.pem" \
   --tls-ca-cert-file "$WORK/pki/backend-ca.pem" --tls-auth-clients yes --dir "$WORK" \
-  --logfile "$WORK/redis.log" &
+  --logfile "$WORK/redis.log") &
 PIDS+=($!)
 cat >"$WORK/phiproxy.toml" <<TOML
 [listener]
@@ -45,15 +45,15 @@ acl = "+@read +@write +ping +config|get ~key:* ~counter:* ~mylist ~myset:* ~app:
 subject_cn = "bench"
 role = "bench"
 TOML
-pin 0 phiproxy run -c "$WORK/phiproxy.toml" 2>"$WORK/proxy.log" &
+(pin 0 phiproxy run -c "$WORK/phiproxy.toml" 2>"$WORK/proxy.log") &
 PIDS+=($!)
 for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$PROXY") 2>/dev/null && break; sleep 0.1; done
 
 bench() { # label port cacert cert key args...
   local label=$1 port=$2 ca=$3 cert=$4 key=$5; shift 5
   local out
-  out=$(pin 1 redis-benchmark --tls --cacert "$ca" --cert "$cert" --key "$key" -h 127.0.0.1 \
-        -p "$port" -n "$REQUESTS" -r 100000 -d 64 -q "$@" 2>/dev/null | tr '\r' '\n' | grep -E 'requests per second' || true)
+  out=$( (pin 1 redis-benchmark --tls --cacert "$ca" --cert "$cert" --key "$key" -h 127.0.0.1 \
+        -p "$port" -n "$REQUESTS" -r 100000 -d 64 -q "$@" 2>/dev/null) | tr '\r' '\n' | grep -E 'requests per second' || true)
   printf '%-8s %-22s %s\n' "$label" "$*" "$(echo "$out" | tr '\n' ' ')"
 }
 P=$WORK/pki

@@ -233,3 +233,31 @@ def test_pubsub_channels_enforced(policy_proxy: Proxy) -> None:
     with pytest.raises(redis.exceptions.NoPermissionError):
         pubsub.subscribe("billing:events")
         pubsub.get_message(timeout=5)
+
+
+def test_unknown_command_is_refused_by_default(policy_proxy: Proxy, tmp_path: Path) -> None:
+    proxy = proxy_with_role(policy_proxy, tmp_path, "scripter")  # +@all
+    try:
+        client = proxy.client("app-writer")
+        with pytest.raises(redis.exceptions.NoPermissionError, match="'nosuchcmd'"):
+            client.execute_command("NOSUCHCMD", "app:x")
+    finally:
+        proxy.stop()
+
+
+def test_unchecked_keys_georadius_store_bypass_is_refused(policy_proxy: Proxy, tmp_path: Path,
+                                                          backend: RedisServer) -> None:
+    """Redis 7.0 checks the first STORE key but writes the last one; phiproxy refuses."""
+    proxy = proxy_with_role(policy_proxy, tmp_path, "scripter")  # +@all ~app:*
+    try:
+        client = proxy.client("app-writer")
+        client.geoadd("app:geo", (13.36, 38.11, "palermo"))
+        with pytest.raises(redis.exceptions.NoPermissionError, match="'georadius'"):
+            client.execute_command("GEORADIUS", "app:geo", 13.36, 38.11, 100, "km",
+                                   "STORE", "app:ok", "STORE", "secret:stolen")
+        assert backend.client().exists("secret:stolen") == 0
+        # The honest form, with its one STORE key inside the patterns, is allowed.
+        assert client.execute_command("GEORADIUS", "app:geo", 13.36, 38.11, 100, "km",
+                                      "STORE", "app:ok") == 1
+    finally:
+        proxy.stop()
