@@ -167,6 +167,10 @@ class BackendPool:
     def auth(self) -> bytes | None:
         return self._auth
 
+    @property
+    def idle_count(self) -> int:
+        return sum(1 for conn in self._idle if not conn.closed)
+
     async def open(self) -> BackendConnection:
         """A fresh authenticated connection; BackendUnavailable if that fails."""
         loop = asyncio.get_running_loop()

@@ -44,6 +44,13 @@ def _parser() -> argparse.ArgumentParser:
     dev.add_argument("--out", required=True, type=Path, help="directory to write into")
     dev.add_argument("--client", action="append", default=[], metavar="NAME",
                      help="also issue a client certificate with CN=NAME (repeatable)")
+
+    audit = sub.add_parser("audit", help="audit trail tools")
+    audit_sub = audit.add_subparsers(dest="audit_command", required=True, metavar="SUBCOMMAND")
+    from proxy.audit.verify import add_arguments as add_verify_arguments
+
+    add_verify_arguments(audit_sub.add_parser(
+        "verify", help="check the audit hash chain (exit 0 ok, 1 broken, 2 bad usage)"))
     return parser
 
 
@@ -55,6 +62,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return cmd_check_config(args)
     if args.command == "certs":
         return cmd_certs_dev(args)
+    if args.command == "audit":
+        from proxy.audit.verify import cmd_audit_verify
+
+        return cmd_audit_verify(args)
     if args.command == "explain":
         from proxy.explain_cli import cmd_explain
 
@@ -72,6 +83,8 @@ def load_everything(path: Path) -> tuple[Config, Any, dict[str, Any]]:
 
     Raises ConfigError with every problem found.
     """
+    from proxy.audit.chain import AuditError
+    from proxy.audit.writer import AuditWriter
     from proxy.policy.loader import compile_policy
     from proxy.tls import TLSConfigError, backend_context, listener_context
 
@@ -82,6 +95,10 @@ def load_everything(path: Path) -> tuple[Config, Any, dict[str, Any]]:
             build(section)  # type: ignore[arg-type]
         except TLSConfigError as exc:
             problems.append(f"{config.path}: {exc}")
+    try:
+        AuditWriter(config.audit)  # loads the HMAC key: refuses a missing or short one
+    except AuditError as exc:
+        problems.append(f"{config.path}: {exc}")
     decide, roles = None, {}
     try:
         decide, roles = compile_policy(config)
@@ -118,11 +135,25 @@ def cmd_run(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     import uvloop
 
+    from proxy.audit.chain import AuditError
     from proxy.server import ServerState, serve
 
     async def _main() -> int:
         state = ServerState(config, decide, roles)
-        return await serve(state)
+        metrics_cfg = config.metrics
+        try:
+            state.metrics.start_http(metrics_cfg.address, metrics_cfg.port, state.readiness)
+        except OSError as exc:
+            print(f"error: {config.path}: [metrics] cannot listen on "
+                  f"{metrics_cfg.address}:{metrics_cfg.port}: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        try:
+            return await serve(state)
+        except AuditError as exc:  # the trail cannot be continued safely (see the message)
+            print(f"error: {config.path}: [audit] {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        finally:
+            state.metrics.stop_http()
 
     try:
         return uvloop.run(_main())

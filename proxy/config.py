@@ -21,6 +21,9 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from proxy.audit.chain import AuditError, load_key
+from proxy.audit.target import SYSLOG_FACILITIES, is_syslog, parse_syslog_url
+
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 MiB = 1024 * 1024
@@ -77,12 +80,29 @@ class AuditConfig:
     fail_closed: bool = True
     max_bytes: int = 0  # rotate the file when it reaches this size; 0: never
     keep: int = 10  # rotated files kept
+    # path = "syslog+tcp://host:port": RFC 5424 over TCP (octet counting) to a collector
+    syslog_facility: str = "authpriv"  # auth, authpriv or local0..local7
+    syslog_buffer_bytes: int = 4 * MiB  # queued while the collector is slow or away
+    # chain head for "-" and syslog (a file trail keeps its own next to it, <path>.head):
+    # with it the chain continues across restarts instead of starting again at seq 1
+    head_file: str | None = None
 
 
 @dataclass(frozen=True)
 class MetricsConfig:
     address: str = "127.0.0.1"
     port: int = 9121  # 0 disables the endpoint
+
+
+@dataclass(frozen=True)
+class LockoutConfig:
+    """Sources failing TLS/identity `failures` times within `window_s` are refused before
+    the handshake for `block_s`."""
+
+    failures: int = 5
+    window_s: float = 60.0
+    block_s: float = 300.0
+    enabled: bool = True
 
 
 @dataclass(frozen=True)
@@ -125,6 +145,7 @@ class Config:
     limits: LimitsConfig
     roles: dict[str, RoleConfig]
     identities: tuple[IdentityRule, ...]
+    lockout: LockoutConfig = field(default_factory=LockoutConfig)
 
 
 # ---------------------------------------------------------------------------------------
@@ -395,6 +416,7 @@ _SECTIONS: dict[str, tuple[str, ...]] = {
     "audit": _keys(AuditConfig),
     "metrics": _keys(MetricsConfig),
     "limits": _keys(LimitsConfig),
+    "lockout": _keys(LockoutConfig),
     "roles": (),
     "identities": (),
 }
@@ -560,6 +582,12 @@ def _audit_path(t: _Table) -> str:
     raw = t.string("path", "-", example='"audit/audit.jsonl"', empty_ok=False)
     if raw is None or raw == "-":
         return "-"
+    if is_syslog(raw):
+        try:
+            parse_syslog_url(raw)
+        except ValueError as e:
+            t.fault("path", str(e))
+        return raw
     path = _resolve(t.p.base, raw)
     if path.is_dir():
         t.fault("path", f"{path} is a directory; give a file path such as audit/audit.jsonl")
@@ -590,9 +618,30 @@ def _audit(p: _Problems, data: dict[str, Any]) -> AuditConfig:
         t.fault("key_file", f"{key_file} is empty; fill it with a random key, e.g. "
                             f"head -c 32 /dev/urandom > {shlex.quote(str(key_file))}")
         key_file = None
+    elif key_file is not None:
+        try:
+            load_key(key_file)
+        except AuditError as e:
+            t.fault("key_file", str(e))
+            key_file = None
     phi_keys = t.list_of("phi_keys", str, '["app:phi:*"]')
+    path = _audit_path(t)
+    facility = t.string("syslog_facility", d.syslog_facility, example='"authpriv"')
+    if facility not in SYSLOG_FACILITIES:
+        t.fault("syslog_facility", f"must be one of {', '.join(SYSLOG_FACILITIES)}; "
+                                   'e.g. syslog_facility = "authpriv"')
+        facility = d.syslog_facility
+    head_file = t.string("head_file", example='"audit/audit.head"', empty_ok=False)
+    if head_file is not None:
+        if path != "-" and not is_syslog(path):
+            t.fault("head_file", f"is only for path = \"-\" or a syslog collector; a file "
+                                 f"trail keeps its head next to it ({path}.head); remove "
+                                 "head_file")
+            head_file = None
+        else:
+            head_file = str(_resolve(t.p.base, head_file))
     return AuditConfig(
-        path=_audit_path(t),
+        path=path,
         key_file=key_file,
         phi_keys=tuple(phi_keys) if phi_keys is not None else d.phi_keys,
         environment=t.string("environment", d.environment, example='"prod"', empty_ok=False),
@@ -600,6 +649,9 @@ def _audit(p: _Problems, data: dict[str, Any]) -> AuditConfig:
         fail_closed=t.boolean("fail_closed", d.fail_closed),
         max_bytes=t.integer("max_bytes", d.max_bytes, 0),
         keep=t.integer("keep", d.keep, 1),
+        syslog_facility=facility,
+        syslog_buffer_bytes=t.integer("syslog_buffer_bytes", d.syslog_buffer_bytes, 64 * 1024),
+        head_file=head_file,
     )
 
 
@@ -621,6 +673,19 @@ def _limits(p: _Problems, data: dict[str, Any]) -> LimitsConfig:
     # above the defaults Redis itself would refuse, so only tightening makes sense
     values = {f.name: t.integer(f.name, f.default, 1, f.default) for f in fields(LimitsConfig)}
     return LimitsConfig(**values)
+
+
+def _lockout(p: _Problems, data: dict[str, Any]) -> LockoutConfig:
+    t = _section(p, data, "lockout", required=False)
+    d = LockoutConfig
+    if t is None:
+        return d()
+    return LockoutConfig(
+        failures=t.integer("failures", d.failures, 1, 1_000_000),
+        window_s=t.seconds("window_s", d.window_s, zero_ok=False),
+        block_s=t.seconds("block_s", d.block_s, zero_ok=False),
+        enabled=t.boolean("enabled", d.enabled),
+    )
 
 
 def _roles(p: _Problems, data: dict[str, Any]) -> dict[str, RoleConfig]:
@@ -722,6 +787,7 @@ def load_config(path: str | Path) -> Config:
     audit = _audit(p, data)
     metrics = _metrics(p, data)
     limits = _limits(p, data)
+    lockout = _lockout(p, data)
     roles = _roles(p, data)
     identities = _identities(p, data, roles)
     if listener is not None and backend is not None and not p.items:
@@ -729,4 +795,4 @@ def load_config(path: str | Path) -> Config:
     if p.items or listener is None or backend is None:
         raise ConfigError(p.items)
     return Config(path.absolute(), listener, backend, audit, metrics, limits, roles,
-                  identities)
+                  identities, lockout=lockout)

@@ -1,6 +1,6 @@
-"""Connection-level events: counted, and logged to stderr with the reason.
+"""Connection-level events: counted in metrics, logged to stderr with the reason.
 
-This is the seam the audit trail and the Prometheus metrics hook into; nothing here runs
+This is the seam the audit trail and the Prometheus metrics hang off; nothing here runs
 per command, only per connection.
 """
 
@@ -10,34 +10,57 @@ import logging
 from collections import Counter
 from typing import Any
 
+from proxy.metrics import Metrics
+
 log = logging.getLogger("phiproxy")
 
 
 class Events:
-    def __init__(self) -> None:
+    def __init__(self, metrics: Metrics | None = None) -> None:
+        self.metrics = metrics or Metrics()
         self.counts: Counter[tuple[str, str]] = Counter()
 
-    def refused(self, reason: str, src: str, detail: str = "") -> None:
-        """A connection closed before or during the TLS handshake (allowlist, limit, TLS)."""
+    def refused(self, reason: str, src: str, detail: str = "", quiet: bool = False) -> None:
+        """A connection closed before or during the TLS handshake (allowlist, limit, TLS).
+
+        `quiet`: counted but not logged (a locked-out source retrying must not flood logs).
+        """
         self.counts[("refused", reason)] += 1
-        suffix = f" ({detail})" if detail else ""
-        log.warning("connection refused from %s: %s%s", src, reason, suffix)
+        self.metrics.connection_refused(reason)
+        if not quiet:
+            suffix = f" ({detail})" if detail else ""
+            log.warning("connection refused from %s: %s%s", src, reason, suffix)
 
     def identity_refused(self, src: str, subject: str, fingerprint: str, reason: str) -> None:
         self.counts[("refused", "identity")] += 1
+        self.metrics.connection_refused("identity")
         log.warning("connection refused from %s: %s (subject %s, sha256 %s)",
                     src, reason, subject, fingerprint)
 
-    def connected(self, src: str, subject: str, role: str, tls: dict[str, Any]) -> None:
+    def locked_out(self, src: str, failures: int, block_s: float) -> None:
+        log.warning("source %s blocked for %.0f s after %d TLS/identity failures",
+                    src.rsplit(":", 1)[0], block_s, failures)
+
+    def connected(self, src: str, subject: str, role: str, tls: dict[str, Any],
+                  not_after: Any = None) -> None:
         self.counts[("accepted", role)] += 1
+        self.metrics.connection_opened()
+        if not_after is not None:
+            self.metrics.client_cert_seen(not_after)
         log.info("connection from %s: %s as role %s (%s %s)",
                  src, subject, role, tls.get("version"), tls.get("cipher"))
 
     def disconnected(self, src: str, subject: str, commands: int, reason: str) -> None:
         self.counts[("closed", reason)] += 1
+        self.metrics.connection_closed()
         log.info("connection from %s (%s) closed after %d commands: %s",
                  src, subject, commands, reason)
 
     def protocol_error(self, src: str, message: str) -> None:
         self.counts[("protocol_error", "")] += 1
+        self.metrics.protocol_error()
         log.warning("protocol error from %s: %s; connection closed", src, message)
+
+    def backend_lost(self) -> None:
+        self.counts[("backend_lost", "")] += 1
+        self.metrics.backend_lost()

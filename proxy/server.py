@@ -6,19 +6,27 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import itertools
 import logging
+import os
 import signal
 import socket
 import ssl
 import struct
+import time
 from collections.abc import Callable
 from typing import Any
 
+from proxy import __version__
+from proxy.audit.writer import AuditWriter
 from proxy.backend import BackendPool, BackendUnavailable
 from proxy.config import Config
 from proxy.events import Events
 from proxy.identity import identity_from_der, map_role
+from proxy.lockout import FAILURE_REASONS, Lockout
+from proxy.metrics import Metrics, identity_label
 from proxy.policy.decision import Decision
+from proxy.policy.glob import compile_patterns
 from proxy.session import Session
 from proxy.tls import backend_context, listener_context
 
@@ -35,13 +43,51 @@ class ServerState:
         self.config = config
         self.decide = decide
         self.roles = roles
-        self.events = events or Events()
+        self.metrics = Metrics(roles=config.roles)
+        self.events = events or Events(self.metrics)
+        self.audit = AuditWriter(config.audit)
+        self.is_phi_key = compile_patterns([p.encode() for p in config.audit.phi_keys])
+        self.metrics.watch_audit(_AuditStatsView(self.audit.stats))
+        self._conn_ids = itertools.count(1)
         self.listener_ssl = listener_context(config.listener)
         self.pool = BackendPool(config.backend, backend_context(config.backend))
+        lock = config.lockout
+        self.lockout = Lockout(lock.failures, lock.window_s, lock.block_s) if lock.enabled \
+            else None
+        self.metrics.set_server_cert(config.listener.cert)
+        self.metrics.set_client_ca(config.listener.client_ca)
+        self.metrics.watch_backend(lambda: (self.pool.healthy, self.pool.idle_count))
+        if self.lockout is not None:
+            self.metrics.watch_lockout(self.lockout.blocked_count)
         self.networks = config.listener.allow_networks
         self.sessions: set[Session] = set()
         self.handshaking = 0
         self.drain_timeout_s = 10.0
+
+    def readiness(self) -> tuple[bool, str]:
+        """For /readyz (called from the metrics thread): backend reachable, audit writable."""
+        if not self.pool.healthy:
+            return False, f"backend unavailable: {self.pool.last_error or 'not connected yet'}"
+        if self.audit_failing:
+            return False, "audit unavailable: the last audit write failed"
+        return True, "ready"
+
+    audit_failing = False  # set by a failed write-ahead, cleared by the next good one
+
+    def next_conn_id(self) -> int:
+        return next(self._conn_ids)
+
+    def audit_failed(self, session: Session) -> None:
+        """A write-ahead audit write failed; commands were refused (fail_closed)."""
+        if not self.audit_failing:
+            log.error("audit write failed: PHI commands are refused until the audit sink "
+                      "works again (%s)", self.config.audit.path)
+        self.audit_failing = True
+
+    def audit_ok(self) -> None:
+        if self.audit_failing:
+            log.warning("audit sink works again")
+        self.audit_failing = False
 
     @property
     def connections(self) -> int:
@@ -61,7 +107,7 @@ class ServerState:
         ssl_object = tls.get_extra_info("ssl_object")
         der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
         if not der:  # cannot happen with CERT_REQUIRED; fail closed anyway
-            self.events.refused("no_client_cert", src)
+            self.refused("no_client_cert", src)
             tls.abort()
             return
         identity = identity_from_der(der)
@@ -69,33 +115,63 @@ class ServerState:
         if mapped is None or mapped[0] not in self.roles:
             self.events.identity_refused(src, identity.subject, identity.fingerprint,
                                          "no [[identities]] rule matches this certificate")
+            self.audit.write_one(self.audit.records.identity_refused(
+                conn=None, src=src, identity=identity, subject=identity.subject,
+                reason="no [[identities]] rule matches this certificate"))
+            if self.lockout is not None and self.lockout.failure(src.rsplit(":", 1)[0]):
+                self.events.locked_out(src, self.lockout.failures, self.lockout.block_s)
             tls.close()
             return
-        role_name = mapped[0]
+        role_name, rule_index = mapped
+        if self.lockout is not None:
+            self.lockout.success(src.rsplit(":", 1)[0])
         tls_info = {"version": ssl_object.version(), "cipher": ssl_object.cipher()[0]}
-        self.events.connected(src, identity.subject, role_name, tls_info)
-        session = Session(self, src, identity, role_name, self.roles[role_name])
+        self.events.connected(src, identity.subject, role_name, tls_info, identity.not_after)
+        counts = self.metrics.command_counter(
+            role_name, identity_label(self.config.identities[rule_index]))
+        session = Session(self, src, identity, role_name, self.roles[role_name], counts)
+        session.tls_info = tls_info
         tls.set_protocol(session)
         session.connection_made(tls)
+
+    def refused(self, reason: str, src: str, detail: str = "") -> None:
+        """A connection refused before a session; TLS and identity failures feed the lockout."""
+        lockout = self.lockout
+        self.events.refused(reason, src, detail, quiet=reason == "lockout")
+        if reason not in ("client_closed", "lockout"):
+            self.audit.write_one(self.audit.records.tls_failed(
+                conn=None, src=src, reason=f"{reason}: {detail}" if detail else reason))
+        if lockout is not None and reason in FAILURE_REASONS:
+            ip = src.rsplit(":", 1)[0]
+            if lockout.failure(ip):
+                self.events.locked_out(src, lockout.failures, lockout.block_s)
 
     # Session callbacks (the audit issue records these).
     def session_started(self, session: Session) -> None:
         self.sessions.add(session)
+        info = getattr(session, "tls_info", {})
+        self.audit.write_one(session._audit_conn.connect(
+            tls_version=info.get("version"), cipher=info.get("cipher")))
 
     def session_ended(self, session: Session, reason: str) -> None:
         if session in self.sessions:
             self.sessions.discard(session)
+            self.audit.write_one(session._audit_conn.disconnect(
+                duration_s=round(time.monotonic() - session.started, 6),
+                commands=session.commands, bytes_in=session.bytes_in,
+                bytes_out=session.bytes_out, reason=reason))
             self.events.disconnected(session.src, session.identity.subject, session.commands,
                                      reason)
 
     def command_refused(self, session: Session, decision: Decision) -> None:
-        self.events.counts[("denied", decision.extra or "acl")] += 1
+        self.metrics.denied(session.role_name, session.counts.identity,
+                            decision.extra or "acl")
 
     def client_auth(self, session: Session, username: str | None) -> None:
         self.events.counts[("auth", session.role_name)] += 1
 
     def backend_lost(self, session: Session) -> None:
-        self.events.counts[("backend_lost", "")] += 1
+        self.events.backend_lost()
 
 
 def _tls_failure_reason(exc: BaseException) -> tuple[str, str]:
@@ -124,6 +200,25 @@ def _tls_failure_reason(exc: BaseException) -> tuple[str, str]:
     if isinstance(exc, ConnectionError):
         return "client_closed", text or type(exc).__name__
     return "tls_error", text or type(exc).__name__
+
+
+class _AuditStatsView:
+    """The audit writer's stats under the names the metrics module reads."""
+
+    def __init__(self, stats: Any) -> None:
+        self._stats = stats
+
+    @property
+    def written(self) -> int:
+        return self._stats.records
+
+    @property
+    def failures(self) -> int:
+        return self._stats.failures
+
+    @property
+    def depth(self) -> int:
+        return self._stats.pending_records
 
 
 class _Handshake(asyncio.Protocol):
@@ -171,11 +266,15 @@ class Acceptor:
         state = self.state
         src = f"{peer[0]}:{peer[1]}"
         if not state.source_allowed(str(peer[0])):
-            state.events.refused("network", src, "source address not in allow_networks")
+            state.refused("network", src, "source address not in allow_networks")
+            _reset(conn)
+            return
+        if state.lockout is not None and state.lockout.blocked(str(peer[0])):
+            state.refused("lockout", src)
             _reset(conn)
             return
         if state.connections >= state.config.listener.max_connections:
-            state.events.refused("max_connections", src)
+            state.refused("max_connections", src)
             _reset(conn)
             return
         conn.setblocking(False)
@@ -193,7 +292,7 @@ class Acceptor:
         except (TimeoutError, ssl.SSLError, OSError, ConnectionError) as exc:
             state.handshaking -= 1
             reason, detail = _tls_failure_reason(exc)
-            state.events.refused(reason, src, detail)
+            state.refused(reason, src, detail)
             _reset(conn)
         except asyncio.CancelledError:
             state.handshaking -= 1
@@ -279,6 +378,11 @@ async def serve(state: ServerState, *, ready: Callable[[], None] | None = None) 
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(
         signal.SIGHUP, lambda: log.warning("SIGHUP: reload is not implemented yet; ignored"))
+    state.audit.open(loop)
+    state.audit.write_one(state.audit.records.start(
+        version=__version__, pid=os.getpid(), config=str(state.config.path)))
+    if state.audit.recovery:
+        log.warning("audit: %s", state.audit.recovery)
     if state.config.backend.learn_commands:
         await learn_backend_commands(state)
     state.pool.start()
@@ -301,5 +405,8 @@ async def serve(state: ServerState, *, ready: Callable[[], None] | None = None) 
         if session.transport is not None:
             session.transport.abort()
     await state.pool.close()
+    state.audit.write_one(state.audit.records.stop(reason="signal"))
+    await state.audit.drain(2.0)
+    state.audit.close()
     log.info("stopped")
     return 0

@@ -1,7 +1,8 @@
 """One client connection: frame, decide, forward; relay replies in order.
 
 The pending queue holds one entry per request still owed a reply, in request order:
-  - RAW (a shared singleton): the backend's next reply is relayed as it is;
+  - a list (the command's metrics slot, [ok, error, denied], shared by every command of
+    that name): the backend's next reply is relayed as it is, and counted;
   - bytes: a reply the proxy made itself (a refusal, AUTH's +OK), released when it
     reaches the head, so the client sees replies in the order it asked;
   - a Pending object for the few commands whose replies change session state or are
@@ -21,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from proxy.backend import BackendConnection, BackendUnavailable
 from proxy.identity import Identity
+from proxy.metrics import CommandCounts
 from proxy.policy.decision import Decision
 from proxy.resp import canned
 from proxy.resp.reply import PUSH, REPLY, SUB_CONFIRM, ReplyFramer, SubConfirm
@@ -31,7 +33,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("phiproxy.session")
 
-RAW = object()  # pending entry: relay the next backend reply unchanged
+OK, ERROR, DENIED = 0, 1, 2  # indexes into a metrics slot
 
 # Pending kinds for special entries.
 K_SUB = 1  # SUBSCRIBE family: `remaining` confirmations (or -1: computed at the head)
@@ -51,11 +53,12 @@ SUB_NAMES = {
 
 
 class Pending:
-    __slots__ = ("kind", "remaining", "data", "filter", "sub_kind", "arg")
+    __slots__ = ("kind", "remaining", "data", "filter", "sub_kind", "arg", "slot")
 
     def __init__(self, kind: int, remaining: int = 1, data: bytes = b"",
                  filter: Callable[[bytes], bytes] | None = None,
-                 sub_kind: str = "", arg: int = 0) -> None:
+                 sub_kind: str = "", arg: int = 0, slot: list[int] | None = None) -> None:
+        self.slot = slot
         self.kind = kind
         self.remaining = remaining
         self.data = data
@@ -68,8 +71,17 @@ class Session(asyncio.Protocol):
     """The client side of one proxied connection (installed after the TLS handshake)."""
 
     def __init__(self, state: ServerState, src: str, identity: Identity, role_name: str,
-                 role: Any) -> None:
+                 role: Any, counts: CommandCounts) -> None:
         self.state = state
+        self.counts = counts  # command name -> metrics slot [ok, error, denied]
+        self.conn_id = state.next_conn_id()
+        # Audit: records of one client read are written together, before it is forwarded.
+        self._audit = state.audit
+        self._audit_conn = state.audit.records.connection(self.conn_id, src, identity, role_name)
+        self._is_phi = state.is_phi_key
+        self._records: list[bytes] = []
+        self._audited: list[tuple[int, int]] = []  # (index in out, index in pending or -1)
+        self.bytes_in = self.bytes_out = 0
         self.src = src
         self.identity = identity
         self.role_name = role_name
@@ -84,7 +96,7 @@ class Session(asyncio.Protocol):
         )
         self._replies = ReplyFramer()
         self._pending: deque[Any] = deque()
-        self._special = 0  # non-RAW entries in _pending: 0 means the fast reply path
+        self._special = 0  # entries in _pending that are not slots: 0 = the fast reply path
         self.transport: asyncio.Transport | None = None
         self.backend: BackendConnection | None = None
         self._backend_used = False
@@ -110,6 +122,11 @@ class Session(asyncio.Protocol):
         self.started = time.monotonic()
         self._last_activity = self.started
         self._idle_handle: asyncio.TimerHandle | None = None
+        self._received_at = 0.0  # perf_counter() of the read being handled
+        self._rtt_start = 0.0  # when a batch went to an idle backend (for the RTT histogram)
+        metrics = state.metrics
+        self._observe_latency = metrics.proxy_latency.observe
+        self._observe_rtt = metrics.backend_rtt.observe
 
     # ------------------------------------------------------------------ client side
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -122,6 +139,8 @@ class Session(asyncio.Protocol):
         if self._closing:
             return
         self._last_activity = time.monotonic()
+        self._received_at = time.perf_counter()
+        self.bytes_in += len(data)
         try:
             commands = self._framer.feed(data)
         except ProtocolError as exc:
@@ -167,12 +186,15 @@ class Session(asyncio.Protocol):
         pending = self._pending
         decide = self._decide
         role = self.role
+        counts = self.counts
         for argv in commands:
             self.commands += 1
             name = argv[0].lower()
             special = _SPECIAL.get(name)
             if special is not None:
                 special(self, argv, out)
+                if self._closing:  # QUIT
+                    break
                 continue
             if self._monitor:
                 self._local(canned.error("phiproxy: only QUIT is allowed on a MONITOR connection"))
@@ -184,17 +206,67 @@ class Session(asyncio.Protocol):
             if decision.reply_filter is not None:
                 self._forward_filtered(argv, decision, out)
                 continue
+            if decision.keyless_sensitive or (decision.keys and self._touches_phi(decision)):
+                self._audit_command(decision, out)
             out.append(encode_command(argv))
             if self._reply_mode == 0:
-                pending.append(RAW)
+                pending.append(counts[decision.command])
             elif self._reply_mode == 2:
                 self._reply_mode = 0
+        if self._records and not self._write_audit(out):
+            out = [chunk for chunk in out if chunk]
         if out:
             self._send(b"".join(out) if len(out) > 1 else out[0])
+        if self._closing:
+            self._close_when_drained()
+
+    # ------------------------------------------------------------------ audit
+    def _touches_phi(self, decision: Decision) -> bool:
+        is_phi = self._is_phi
+        return any(is_phi(key) for key in decision.keys)
+
+    def _audit_command(self, decision: Decision, out: list[bytes]) -> None:
+        """A `command` record for what is about to be forwarded (out and pending positions
+        kept, so a failed write can take exactly these commands back)."""
+        self._records.append(self._audit_conn.command(decision.command, decision.keys, self._db))
+        self._audited.append((len(out), len(self._pending) if self._reply_mode == 0 else -1))
+
+    def _write_audit(self, out: list[bytes]) -> bool:
+        """Write this read's records ahead of forwarding; on failure (fail_closed) refuse the
+        audited commands in place with `-ERR audit unavailable`. False if out changed."""
+        records, audited = self._records, self._audited
+        ok = self._audit.write(records)
+        self._records, self._audited = [], []
+        if ok:
+            if self.state.audit_failing:
+                self.state.audit_ok()
+            return True
+        if not self.state.config.audit.fail_closed or not audited:
+            return True
+        pending = self._pending
+        for out_index, pending_index in audited:
+            out[out_index] = b""
+            if pending_index >= 0:
+                entry = pending[pending_index]
+                if type(entry) is list:
+                    entry[ERROR] += 1
+                pending[pending_index] = canned.AUDIT_UNAVAILABLE
+                self._special += 1
+        self.state.audit_failed(self)
+        if self.transport is not None:
+            head: list[bytes] = []
+            self._release_locals(head)  # refusals now at the head go out at once
+            if head:
+                self.transport.write(b"".join(head))
+        return False
 
     def _send(self, data: bytes) -> None:
         backend = self.backend
         if backend is not None and not backend.closed:
+            now = time.perf_counter()
+            self._observe_latency(now - self._received_at)
+            if not self._rtt_start:
+                self._rtt_start = now
             backend.write(data)
             return
         self._early.append(data)
@@ -220,6 +292,9 @@ class Session(asyncio.Protocol):
             self.transport.write(reply)
 
     def _refuse(self, decision: Decision) -> None:
+        self.counts[decision.command][DENIED] += 1
+        self._records.append(self._audit_conn.denied(
+            decision.command, decision.keys, self._db, decision.reason))
         if self._in_multi:
             self._multi_dirty = True  # Redis aborts the transaction at EXEC
         self.state.command_refused(self, decision)
@@ -237,22 +312,24 @@ class Session(asyncio.Protocol):
                     f"phiproxy: '{decision.command}' cannot be filtered inside MULTI; "
                     "run it outside the transaction", prefix="NOPERM")))
             return
+        self._audit_command(decision, out)  # KEYS/SCAN read names without naming them
         out.append(encode_command(argv))
         if self._reply_mode == 0:
             self._push_pending(Pending(K_FILTER, filter=decision.reply_filter))
         elif self._reply_mode == 2:
             self._reply_mode = 0
 
-    def _decide_special(self, argv: list[bytes]) -> bool:
+    def _decide_special(self, argv: list[bytes]) -> Decision | None:
         """Policy for a command the session also handles itself; refuses when denied."""
         decision = self._decide(self.role, argv)
         if not decision.allowed:
             self._refuse(decision)
-            return False
-        return True
+            return None
+        return decision
 
     def _forward_tracked(self, argv: list[bytes], out: list[bytes], entry: Pending) -> None:
         out.append(encode_command(argv))
+        entry.slot = self.counts[argv[0].lower().decode("ascii", "replace")]
         if self._reply_mode == 0:
             self._push_pending(entry)
         elif self._reply_mode == 2:
@@ -264,7 +341,9 @@ class Session(asyncio.Protocol):
         if len(argv) not in (2, 3):
             self._local(canned.error("wrong number of arguments for 'auth' command"))
             return
-        self.state.client_auth(self, argv[1].decode("utf-8", "replace") if len(argv) == 3 else None)
+        username = argv[1].decode("utf-8", "replace") if len(argv) == 3 else None
+        self._records.append(self._audit_conn.auth(username=username, command="auth"))
+        self.state.client_auth(self, username)
         if self._in_multi:
             self._multi_dirty = True
             self._local(canned.error("phiproxy: AUTH inside MULTI is not supported"))
@@ -281,7 +360,9 @@ class Session(asyncio.Protocol):
                 if i + 2 >= len(argv):
                     self._local(canned.error("Syntax error in HELLO option 'auth'"))
                     return
-                self.state.client_auth(self, argv[i + 1].decode("utf-8", "replace"))
+                username = argv[i + 1].decode("utf-8", "replace")
+                self._records.append(self._audit_conn.auth(username=username, command="hello"))
+                self.state.client_auth(self, username)
                 i += 3
                 continue
             stripped.append(argv[i])
@@ -355,13 +436,10 @@ class Session(asyncio.Protocol):
             self._push_pending(Pending(K_SWALLOW))
 
     def _cmd_quit(self, argv: list[bytes], out: list[bytes]) -> None:
-        # Answered here: the client's connection ends once every earlier reply is out.
+        # Answered here; the rest of the read is ignored (as Redis does), and the
+        # connection ends once every earlier reply is out.
         self._local(canned.OK)
         self._closing = True
-        if out:
-            self._send(b"".join(out))
-            out.clear()
-        self._close_when_drained()
 
     def _cmd_client(self, argv: list[bytes], out: list[bytes]) -> None:
         if not self._decide_special(argv):
@@ -378,14 +456,16 @@ class Session(asyncio.Protocol):
         self._forward_raw(argv, out)
 
     def _cmd_monitor(self, argv: list[bytes], out: list[bytes]) -> None:
-        if not self._decide_special(argv):
+        decision = self._decide_special(argv)
+        if decision is None:
             return
+        self._audit_command(decision, out)  # MONITOR shows every key and value
         self._forward_tracked(argv, out, Pending(K_MONITOR))
 
     def _forward_raw(self, argv: list[bytes], out: list[bytes]) -> None:
         out.append(encode_command(argv))
         if self._reply_mode == 0:
-            self._pending.append(RAW)
+            self._pending.append(self.counts[argv[0].lower().decode("ascii", "replace")])
         elif self._reply_mode == 2:
             self._reply_mode = 0
 
@@ -394,22 +474,35 @@ class Session(asyncio.Protocol):
         transport = self.transport
         if transport is None:
             return
+        self.bytes_out += len(data)
         framer = self._replies
+        if self._rtt_start:
+            self._observe_rtt(time.perf_counter() - self._rtt_start)
+            self._rtt_start = 0.0
         try:
             if not self._special and self._frame_buf is None and not self._pubsub_context():
-                # Fast path: every reply answers a RAW entry; relay the chunk as it is.
+                # Fast path: every reply answers a plain entry; relay the chunk as it is and
+                # count each reply as ok or error by its first byte.
                 framer.subscribed = False
-                replies = 0
-                for event in framer.feed(data):
-                    if event[1] == REPLY:
-                        replies += 1
                 pending = self._pending
-                if replies > len(pending):
-                    log.warning("unexpected replies from the backend for %s; relayed", self.src)
-                    replies = len(pending)
-                for _ in range(replies):
-                    pending.popleft()
-                self._frame_streamed = not framer.at_boundary
+                continuing = not framer.at_boundary
+                first = self._frame_first
+                start = 0
+                for end, kind, _ in framer.feed(data):
+                    if start or not continuing:
+                        first = data[start]
+                    start = end
+                    if kind == REPLY:
+                        if pending:
+                            pending.popleft()[ERROR if first == 0x2D else OK] += 1
+                        else:
+                            log.warning("unexpected reply from the backend for %s", self.src)
+                if not framer.at_boundary:
+                    self._frame_streamed = True
+                    if start or not continuing:
+                        self._frame_first = data[start]
+                else:
+                    self._frame_streamed = False
                 transport.write(data)
                 return
             self._relay(data)
@@ -477,9 +570,9 @@ class Session(asyncio.Protocol):
             out.append(chunk)
             return
         head = pending[0]
-        if head is RAW:
+        if type(head) is list:
             out.append(chunk)
-            pending.popleft()
+            pending.popleft()[ERROR if self._frame_first == 0x2D else OK] += 1
         else:
             self._reply_to_entry(head, kind, confirm, chunk, whole, out)
         self._release_locals(out)
@@ -498,8 +591,11 @@ class Session(asyncio.Protocol):
             self._special -= 1
 
     def _pop_special(self) -> None:
-        self._pending.popleft()
+        """The head Pending entry got its whole answer: drop it and count it once."""
+        entry = self._pending.popleft()
         self._special -= 1
+        if entry.slot is not None:
+            entry.slot[ERROR if self._frame_first == 0x2D else OK] += 1
 
     def _reply_to_entry(self, entry: Pending, kind: int, confirm: SubConfirm | None,
                         chunk: bytes, whole: bool, out: list[bytes]) -> None:
@@ -611,7 +707,10 @@ class Session(asyncio.Protocol):
             entry = self._pending.popleft()
             if type(entry) is bytes:
                 out.append(entry)
-            elif entry is RAW or entry.kind != K_SWALLOW:
+            elif type(entry) is list:
+                entry[ERROR] += 1
+                out.append(canned.BACKEND_UNAVAILABLE)
+            elif entry.kind != K_SWALLOW:
                 out.append(canned.BACKEND_UNAVAILABLE)
         self._special = 0
         self._frame_buf = None

@@ -17,6 +17,8 @@ missing=()
 command -v redis-server >/dev/null || missing+=(redis-server)
 command -v redis-cli >/dev/null || missing+=(redis-tools)
 command -v openssl >/dev/null || missing+=(openssl)
+command -v promtool >/dev/null || missing+=(prometheus)  # promtool tests the alert rules
+[ -x /usr/sbin/rsyslogd ] || missing+=(rsyslog)  # a real syslog collector for the audit sink tests
 if [ ${#missing[@]} -gt 0 ]; then apt_install "${missing[@]}"; fi
 # Debian starts a plaintext redis-server on 6379 when the package is installed; we never use it.
 

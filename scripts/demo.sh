@@ -37,6 +37,8 @@ redis-server --port 0 --tls-port "$BACKEND_PORT" --bind 127.0.0.1 \
 PIDS+=($!)
 
 step "3. phiproxy on 127.0.0.1:$PROXY_PORT (mutual TLS in, TLS + AUTH out)"
+(umask 077; head -c 32 /dev/urandom >"$RUN/audit.key")
+mkdir -p "$RUN/audit"
 cat >"$RUN/phiproxy.toml" <<TOML
 [listener]
 address = "127.0.0.1"
@@ -56,6 +58,16 @@ cert = "certs/proxy-client.pem"
 key = "certs/proxy-client-key.pem"
 username = "phiproxy"
 password_file = "backend.pass"
+
+[audit]
+path = "audit/audit.jsonl"
+key_file = "audit.key"
+phi_keys = ["app:phi:*"]
+environment = "demo"
+instance = "demo-proxy"
+
+[metrics]
+port = 0
 
 [roles.writer]
 acl = "+@read +@write -@dangerous ~app:phi:* &app:events:*"
@@ -117,7 +129,26 @@ direct() {
 show direct GET app:phi:patient:1001
 show direct ACL WHOAMI
 
-step "8. what the proxy logged (stderr)"
+step "8. the audit trail: PHI commands, refusals, connections; never a value"
+sleep 0.2
+python - "$RUN/audit/audit.jsonl" <<'PY'
+import json, sys
+for line in open(sys.argv[1]):
+    r = json.loads(line)
+    who = (r.get("identity") or {}).get("cn") or "-"
+    what = r.get("command") or ""
+    keys = " ".join(r.get("keys") or [])
+    print(f"  #{r['seq']:<3} {r['event']:<17} {who:<16} {r.get('role') or '-':<7} {what} {keys}"
+          f"{'  (' + r['reason'][:60] + ')' if r.get('reason') else ''}")
+PY
+if grep -q 'Jane Doe' "$RUN/audit/audit.jsonl"; then echo "  !! a value reached the trail"; else echo "  (the stored value 'Jane Doe' appears nowhere in the trail)"; fi
+show phiproxy audit verify "$RUN/audit/audit.jsonl" --key-file "$RUN/audit.key"
+printf '$ (edit one record) && phiproxy audit verify ...\n'
+cp "$RUN/audit/audit.jsonl" "$RUN/audit/tampered.jsonl"
+sed -i '0,/"command":"get"/s//"command":"del"/' "$RUN/audit/tampered.jsonl"
+phiproxy audit verify "$RUN/audit/tampered.jsonl" --key-file "$RUN/audit.key" --no-head 2>&1 | sed 's/^/  /' || true
+
+step "9. what the proxy logged (stderr)"
 sleep 0.2
 sed 's/^/  /' "$RUN/proxy.log"
 printf '\nDemo files are in %s (certificates, configuration, logs).\n' "$RUN"

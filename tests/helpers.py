@@ -202,8 +202,13 @@ class Proxy:
 
 def write_proxy_config(pki: PKI, workdir: Path, backend_port: int, proxy_port: int,
                        extra_listener: str = "", roles: str = DEFAULT_ROLES,
-                       identities: str = DEFAULT_IDENTITIES, extra: str = "") -> Path:
+                       identities: str = DEFAULT_IDENTITIES, extra: str = "",
+                       metrics_port: int = 0, audit: str = "") -> Path:
     workdir.mkdir(parents=True, exist_ok=True)
+    audit_key = workdir / "audit.key"
+    fd = os.open(audit_key, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(os.urandom(32))
     secret = workdir / "backend.pass"
     fd = os.open(secret, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as fh:
@@ -231,6 +236,18 @@ key = "{p / 'proxy-client-key.pem'}"
 username = "{BACKEND_USER}"
 password_file = "backend.pass"
 {extra}
+
+[metrics]
+port = {metrics_port}
+
+[audit]
+path = "audit.jsonl"
+key_file = "audit.key"
+phi_keys = ["app:phi:*"]
+environment = "test"
+instance = "proxy-test"
+{audit}
+
 {roles}
 {identities}
 """)

@@ -71,6 +71,7 @@ def proxy_with_role(policy_proxy: Proxy, tmp_path: Path, role: str) -> Proxy:
     text = text.replace('subject_cn = "app-writer"\nrole = "writer"',
                         f'subject_cn = "app-writer"\nrole = "{role}"')
     text = text.replace(f"port = {policy_proxy.port}", f"port = {port}", 1)
+    text = text.replace('path = "audit.jsonl"', f'path = "{role}-audit.jsonl"')  # own trail
     config = policy_proxy.config.parent / f"{role}.toml"  # beside its backend.pass
     config.write_text(text)
     return start_proxy(config, policy_proxy.pki, port)

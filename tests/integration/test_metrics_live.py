@@ -1,0 +1,128 @@
+"""Metrics scraped over HTTP from the running proxy, checked by value."""
+
+from __future__ import annotations
+
+import re
+import socket
+import ssl
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import redis
+
+from tests.helpers import PKI, Proxy, RedisServer, free_port, start_proxy, write_proxy_config
+
+
+def scrape(port: int, path: str = "/metrics") -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def value(text: str, name: str, **labels: str) -> float:
+    for line in text.splitlines():
+        if not line.startswith(name + "{") and not line.startswith(name + " "):
+            continue
+        found = dict(re.findall(r'(\w+)="([^"]*)"', line.split("}")[0]))
+        if all(found.get(k) == v for k, v in labels.items()):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"no {name}{labels} in metrics")
+
+
+def refused_once(proxy: Proxy) -> None:
+    """One connection with an unmapped certificate: refused after the handshake."""
+    ctx = proxy.ssl_context("nobody")
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as raw:
+        try:
+            with ctx.wrap_socket(raw, server_hostname="localhost") as tls:
+                tls.sendall(b"PING\r\n")
+                assert tls.recv(64) == b""
+        except (ssl.SSLError, ConnectionError):
+            pass
+
+
+def test_metrics_count_commands_denials_connections(pki: PKI, backend: RedisServer,
+                                                    tmp_path: Path) -> None:
+    port, mport = free_port(), free_port()
+    config = write_proxy_config(pki, tmp_path / "p", backend.port, port, metrics_port=mport)
+    proxy = start_proxy(config, pki, port)
+    try:
+        status, _ = scrape(mport, "/healthz")
+        assert status == 200
+        deadline = time.monotonic() + 5
+        while scrape(mport, "/readyz")[0] != 200 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert scrape(mport, "/readyz")[0] == 200
+        writer, reader = proxy.client("app-writer"), proxy.client("app-reader")
+        pipe = writer.pipeline(transaction=False)
+        for i in range(25):
+            pipe.set(f"app:phi:{i}", i)
+        pipe.execute()
+        for _ in range(7):
+            writer.incr("app:phi:0")
+        with pytest.raises(redis.ResponseError):
+            writer.incr("app:phi:nonnumeric") if writer.set("app:phi:nonnumeric", "x") else None
+        for _ in range(3):
+            with pytest.raises(redis.exceptions.NoPermissionError):
+                reader.set("app:phi:x", "1")
+        refused_once(proxy)
+        time.sleep(0.3)
+        _, text = scrape(mport)
+        assert value(text, "phiproxy_commands_total", command="set", role="writer",
+                     result="ok") == 26
+        assert value(text, "phiproxy_commands_total", command="incrby", role="writer",
+                     result="ok") == 7
+        assert value(text, "phiproxy_commands_total", command="incrby", role="writer",
+                     result="error") == 1
+        assert value(text, "phiproxy_commands_total", command="set", role="reader",
+                     result="denied") == 3
+        assert value(text, "phiproxy_denials_total", role="reader", reason="acl") == 3
+        assert value(text, "phiproxy_connections_total", result="refused",
+                     reason="identity") == 1
+        assert value(text, "phiproxy_connections_open") == 2
+        assert value(text, "phiproxy_proxy_latency_seconds_count") >= 10
+        assert value(text, "phiproxy_backend_rtt_seconds_count") >= 10
+        assert value(text, "phiproxy_backend_up") == 1
+        assert value(text, "phiproxy_cert_expiry_seconds", cert="server") > 86400
+        assert "app:phi" not in text  # key names never reach the metrics
+        backend.stop()
+        deadline = time.monotonic() + 10
+        while scrape(mport, "/readyz")[0] == 200 and time.monotonic() < deadline:
+            writer.connection_pool.disconnect()
+            try:
+                proxy.client("app-writer").get("app:phi:1")
+            except redis.RedisError:
+                pass
+            time.sleep(0.2)
+        status, body = scrape(mport, "/readyz")
+        assert status == 503 and "backend" in body
+    finally:
+        proxy.stop()
+
+
+def test_lockout_blocks_a_source_after_repeated_failures(pki: PKI, backend: RedisServer,
+                                                         tmp_path: Path) -> None:
+    port, mport = free_port(), free_port()
+    config = write_proxy_config(pki, tmp_path / "p", backend.port, port, metrics_port=mport)
+    config.write_text(config.read_text() + "\n[lockout]\nfailures = 3\nwindow_s = 60\n"
+                      "block_s = 30\n")
+    proxy = start_proxy(config, pki, port)
+    try:
+        for _ in range(3):
+            refused_once(proxy)
+        time.sleep(0.2)
+        # Now even a good certificate from the same source is refused before the handshake.
+        with pytest.raises(redis.ConnectionError):
+            proxy.client("app-writer").ping()
+        _, text = scrape(mport)
+        assert value(text, "phiproxy_connections_total", result="refused",
+                     reason="lockout") >= 1
+        assert value(text, "phiproxy_lockout_blocked_sources") == 1
+        assert "blocked for 30 s after 3" in proxy.stderr()
+    finally:
+        proxy.stop()
