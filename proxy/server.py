@@ -119,7 +119,7 @@ class ServerState:
                 conn=None, src=src, identity=identity, subject=identity.subject,
                 reason="no [[identities]] rule matches this certificate"))
             if self.lockout is not None and self.lockout.failure(src.rsplit(":", 1)[0]):
-                self.events.locked_out(src, self.lockout.failures, self.lockout.block_s)
+                self._locked_out(src)
             tls.close()
             return
         role_name, rule_index = mapped
@@ -141,10 +141,18 @@ class ServerState:
         if reason not in ("client_closed", "lockout"):
             self.audit.write_one(self.audit.records.tls_failed(
                 conn=None, src=src, reason=f"{reason}: {detail}" if detail else reason))
-        if lockout is not None and reason in FAILURE_REASONS:
-            ip = src.rsplit(":", 1)[0]
-            if lockout.failure(ip):
-                self.events.locked_out(src, lockout.failures, lockout.block_s)
+        if lockout is not None and reason in FAILURE_REASONS \
+                and lockout.failure(src.rsplit(":", 1)[0]):
+            self._locked_out(src)
+
+    def _locked_out(self, src: str) -> None:
+        """A source just crossed the failure threshold: logged once and audited."""
+        assert self.lockout is not None
+        failures, block_s = self.lockout.failures, self.lockout.block_s
+        self.events.locked_out(src, failures, block_s)
+        self.audit.write_one(self.audit.records.tls_failed(
+            conn=None, src=src, reason=f"lockout: source blocked for {block_s:g} s after "
+                                       f"{failures} TLS/identity failures"))
 
     # Session callbacks (the audit issue records these).
     def session_started(self, session: Session) -> None:

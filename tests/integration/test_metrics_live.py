@@ -124,5 +124,7 @@ def test_lockout_blocks_a_source_after_repeated_failures(pki: PKI, backend: Redi
                      reason="lockout") >= 1
         assert value(text, "phiproxy_lockout_blocked_sources") == 1
         assert "blocked for 30 s after 3" in proxy.stderr()
+        trail = (proxy.config.parent / "audit.jsonl").read_text()
+        assert '"reason":"lockout: source blocked for 30 s after 3' in trail
     finally:
         proxy.stop()
