@@ -52,6 +52,7 @@ class ListenerConfig:
     idle_timeout_s: float = 300.0  # 0 disables
     max_connections: int = 10000
     tcp_keepalive: bool = True
+    drain_timeout_s: float = 10.0  # SIGTERM: how long busy connections may finish
 
 
 @dataclass(frozen=True)
@@ -120,6 +121,7 @@ class RoleConfig:
     name: str
     acl: str
     dbs: tuple[int, ...] | None = None  # None: every database
+    max_cert_validity_h: float | None = None  # refuse certificates valid for longer
 
 
 @dataclass(frozen=True)
@@ -136,6 +138,13 @@ class IdentityRule:
 
 
 @dataclass(frozen=True)
+class PolicyConfig:
+    """Policy that no role can lift."""
+
+    disabled_commands: tuple[str, ...] = ()  # lower-case "cmd" or "cmd|sub"
+
+
+@dataclass(frozen=True)
 class Config:
     path: Path
     listener: ListenerConfig
@@ -146,6 +155,7 @@ class Config:
     roles: dict[str, RoleConfig]
     identities: tuple[IdentityRule, ...]
     lockout: LockoutConfig = field(default_factory=LockoutConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
 
 
 # ---------------------------------------------------------------------------------------
@@ -417,6 +427,7 @@ _SECTIONS: dict[str, tuple[str, ...]] = {
     "metrics": _keys(MetricsConfig),
     "limits": _keys(LimitsConfig),
     "lockout": _keys(LockoutConfig),
+    "policy": _keys(PolicyConfig),
     "roles": (),
     "identities": (),
 }
@@ -529,6 +540,7 @@ def _listener(p: _Problems, data: dict[str, Any]) -> ListenerConfig | None:
         idle_timeout_s=t.seconds("idle_timeout_s", d.idle_timeout_s, zero_ok=True),
         max_connections=t.integer("max_connections", d.max_connections, 1),
         tcp_keepalive=t.boolean("tcp_keepalive", d.tcp_keepalive),
+        drain_timeout_s=t.seconds("drain_timeout_s", d.drain_timeout_s, zero_ok=True),
     )  # a None in it means a problem was recorded
 
 
@@ -688,6 +700,14 @@ def _lockout(p: _Problems, data: dict[str, Any]) -> LockoutConfig:
     )
 
 
+def _policy(p: _Problems, data: dict[str, Any]) -> PolicyConfig:
+    t = _section(p, data, "policy", required=False)
+    if t is None:
+        return PolicyConfig()
+    names = t.list_of("disabled_commands", str, '["DEBUG", "MODULE", "CONFIG|SET"]') or []
+    return PolicyConfig(tuple(dict.fromkeys(n.strip().lower() for n in names)))
+
+
 def _roles(p: _Problems, data: dict[str, Any]) -> dict[str, RoleConfig]:
     example = '[roles.reader] with acl = "+@read ~app:*"'
     raw = data.get("roles", {})
@@ -707,8 +727,14 @@ def _roles(p: _Problems, data: dict[str, Any]) -> dict[str, RoleConfig]:
         if dbs is not None and any(db < 0 for db in dbs):
             t.fault("dbs", "database numbers start at 0; e.g. dbs = [0, 1]")
             dbs = None
+        validity = body.get("max_cert_validity_h")
+        if validity is not None and (isinstance(validity, bool)
+                                     or not isinstance(validity, int | float) or validity <= 0):
+            t.fault("max_cert_validity_h", "must be a positive number of hours, e.g. "
+                    "max_cert_validity_h = 8")
+            validity = None
         roles[name] = RoleConfig(name, acl, tuple(sorted(set(dbs))) if dbs is not None
-                                 else None)
+                                 else None, None if validity is None else float(validity))
     if not raw:
         p.add(f"[roles] no role is defined; add at least one, e.g. {example}")
     return roles
@@ -788,6 +814,7 @@ def load_config(path: str | Path) -> Config:
     metrics = _metrics(p, data)
     limits = _limits(p, data)
     lockout = _lockout(p, data)
+    policy = _policy(p, data)
     roles = _roles(p, data)
     identities = _identities(p, data, roles)
     if listener is not None and backend is not None and not p.items:
@@ -795,4 +822,4 @@ def load_config(path: str | Path) -> Config:
     if p.items or listener is None or backend is None:
         raise ConfigError(p.items)
     return Config(path.absolute(), listener, backend, audit, metrics, limits, roles,
-                  identities, lockout=lockout)
+                  identities, lockout=lockout, policy=policy)

@@ -46,7 +46,7 @@ def _describe_rule(index: int, rule: IdentityRule) -> str:
 
 def cmd_explain(args: argparse.Namespace) -> int:
     from proxy.policy.explain import explain_command, split_args
-    from proxy.policy.loader import compile_policy
+    from proxy.policy.loader import compile_policy, disabled_refusal
 
     try:
         config = load_config(args.config)
@@ -82,10 +82,19 @@ def cmd_explain(args: argparse.Namespace) -> int:
     else:
         print(f"role: {role_name}", file=info)
     role = roles[role_name]
+    disabled = frozenset(config.policy.disabled_commands)
+
+    def explain(words: list[bytes]) -> dict[str, Any]:
+        refusal = disabled_refusal(disabled, words)
+        if refusal is None:
+            return explain_command(role_name, role, words)
+        return {"command": [w.decode("utf-8", "surrogateescape") for w in words],
+                "decision": "deny", "reason": f"role '{role_name}': {refusal.reason}",
+                "rule": refusal.rule, "extra": refusal.extra}
+
     argv = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
     if argv:
-        result: dict[str, Any] = explain_command(
-            role_name, role, [a.encode("utf-8", "surrogateescape") for a in argv])
+        result = explain([a.encode("utf-8", "surrogateescape") for a in argv])
         print(json.dumps(result))
         return EXIT_OK
     for raw in sys.stdin.buffer:
@@ -98,5 +107,5 @@ def cmd_explain(args: argparse.Namespace) -> int:
             continue
         if not words:
             continue
-        print(json.dumps(explain_command(role_name, role, words)), flush=True)
+        print(json.dumps(explain(words)), flush=True)
     return EXIT_OK

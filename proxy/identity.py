@@ -23,7 +23,14 @@ class Identity:
     fingerprint: str  # SHA-256 of the DER certificate, lower-case hex
     serial: int
     not_after: datetime
+    not_before: datetime | None = None
 
+    @property
+    def validity_hours(self) -> float | None:
+        """The certificate's whole validity period, in hours."""
+        if self.not_before is None:
+            return None
+        return (self.not_after - self.not_before).total_seconds() / 3600
     @property
     def san_uri(self) -> str | None:
         return self.san_uris[0] if self.san_uris else None
@@ -58,6 +65,7 @@ def identity_from_der(der: bytes) -> Identity:
         fingerprint=hashlib.sha256(der).hexdigest(),
         serial=cert.serial_number,
         not_after=cert.not_valid_after_utc,
+        not_before=cert.not_valid_before_utc,
     )
 
 

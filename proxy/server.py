@@ -22,11 +22,12 @@ from proxy.audit.writer import AuditWriter
 from proxy.backend import BackendPool, BackendUnavailable
 from proxy.config import Config
 from proxy.events import Events
-from proxy.identity import identity_from_der, map_role
+from proxy.identity import Identity, identity_from_der, map_role
 from proxy.lockout import FAILURE_REASONS, Lockout
 from proxy.metrics import Metrics, identity_label
 from proxy.policy.decision import Decision
 from proxy.policy.glob import compile_patterns
+from proxy.reload import expiry_warnings, reload
 from proxy.session import Session
 from proxy.tls import backend_context, listener_context
 
@@ -49,6 +50,7 @@ class ServerState:
         self.is_phi_key = compile_patterns([p.encode() for p in config.audit.phi_keys])
         self.metrics.watch_audit(_AuditStatsView(self.audit.stats))
         self._conn_ids = itertools.count(1)
+        self.reloads = 0
         self.listener_ssl = listener_context(config.listener)
         self.pool = BackendPool(config.backend, backend_context(config.backend))
         lock = config.lockout
@@ -62,7 +64,7 @@ class ServerState:
         self.networks = config.listener.allow_networks
         self.sessions: set[Session] = set()
         self.handshaking = 0
-        self.drain_timeout_s = 10.0
+        self.drain_timeout_s = config.listener.drain_timeout_s
 
     def readiness(self) -> tuple[bool, str]:
         """For /readyz (called from the metrics thread): backend reachable, audit writable."""
@@ -123,6 +125,14 @@ class ServerState:
             tls.close()
             return
         role_name, rule_index = mapped
+        problem = self.certificate_problem(identity, role_name)
+        if problem is not None:
+            self.events.identity_refused(src, identity.subject, identity.fingerprint, problem)
+            self.audit.write_one(self.audit.records.identity_refused(
+                conn=None, src=src, identity=identity, subject=identity.subject,
+                reason=problem))
+            tls.close()
+            return
         if self.lockout is not None:
             self.lockout.success(src.rsplit(":", 1)[0])
         tls_info = {"version": ssl_object.version(), "cipher": ssl_object.cipher()[0]}
@@ -131,8 +141,19 @@ class ServerState:
             role_name, identity_label(self.config.identities[rule_index]))
         session = Session(self, src, identity, role_name, self.roles[role_name], counts)
         session.tls_info = tls_info
+        session.peer_der = der
         tls.set_protocol(session)
         session.connection_made(tls)
+
+    def certificate_problem(self, identity: Identity, role_name: str) -> str | None:
+        """Why this role may not use this certificate (max_cert_validity_h), or None."""
+        role_cfg = self.config.roles.get(role_name)
+        limit = role_cfg.max_cert_validity_h if role_cfg is not None else None
+        hours = identity.validity_hours
+        if limit is not None and (hours is None or hours > limit):
+            return (f"certificate valid for {hours:.1f} h; role {role_name} accepts at most "
+                    f"{limit:g} h (max_cert_validity_h)")
+        return None
 
     def refused(self, reason: str, src: str, detail: str = "") -> None:
         """A connection refused before a session; TLS and identity failures feed the lockout."""
@@ -384,13 +405,14 @@ async def serve(state: ServerState, *, ready: Callable[[], None] | None = None) 
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(
-        signal.SIGHUP, lambda: log.warning("SIGHUP: reload is not implemented yet; ignored"))
+    loop.add_signal_handler(signal.SIGHUP, lambda: reload(state))
     state.audit.open(loop)
     state.audit.write_one(state.audit.records.start(
         version=__version__, pid=os.getpid(), config=str(state.config.path)))
     if state.audit.recovery:
         log.warning("audit: %s", state.audit.recovery)
+    for warning in expiry_warnings(state.config):
+        log.warning("%s", warning)
     if state.config.backend.learn_commands:
         await learn_backend_commands(state)
     state.pool.start()
@@ -404,16 +426,31 @@ async def serve(state: ServerState, *, ready: Callable[[], None] | None = None) 
     await stop.wait()
     log.info("shutting down: no new connections, draining %d", len(state.sessions))
     acceptor.close()
+    draining = len(state.sessions)
     for session in list(state.sessions):
         session.drain()
-    deadline = loop.time() + state.drain_timeout_s + 1
-    while state.sessions and loop.time() < deadline:
+
+    def busy() -> list[Session]:  # not yet closing: still owed replies
+        return [s for s in state.sessions
+                if s.transport is not None and not s.transport.is_closing()]
+
+    idle_closed = draining - len(busy())
+    deadline = loop.time() + state.drain_timeout_s
+    while busy() and loop.time() < deadline:
         await asyncio.sleep(0.05)
+    forced = len(busy())
     for session in list(state.sessions):
+        if session.transport is not None and not session.transport.is_closing():
+            session.close_reason = "shutdown: drain timeout"
         if session.transport is not None:
-            session.transport.abort()
+            session.transport.abort()  # also skips waiting for the peer's TLS close_notify
+    await asyncio.sleep(0.1)  # let connection_lost record each disconnect
     await state.pool.close()
-    state.audit.write_one(state.audit.records.stop(reason="signal"))
+    summary = (f"signal; {draining} connections: {idle_closed} idle closed at once, "
+               f"{draining - idle_closed - forced} finished in-flight work, {forced} forced "
+               f"after drain_timeout_s={state.drain_timeout_s:g}")
+    log.info("stop: %s", summary)
+    state.audit.write_one(state.audit.records.stop(reason=summary))
     await state.audit.drain(2.0)
     state.audit.close()
     log.info("stopped")

@@ -82,6 +82,9 @@ class Session(asyncio.Protocol):
         self._records: list[bytes] = []
         self._audited: list[tuple[int, int]] = []  # (index in out, index in pending or -1)
         self.bytes_in = self.bytes_out = 0
+        self.peer_der: bytes | None = None  # the client certificate, for reload checks
+        self.close_reason: str | None = None
+        self._shutting_down = False
         self.src = src
         self.identity = identity
         self.role_name = role_name
@@ -164,7 +167,8 @@ class Session(asyncio.Protocol):
         if self.backend is not None:
             self.backend.user = None
             self.backend.close()
-        self.state.session_ended(self, "client closed" if exc is None else str(exc))
+        self.state.session_ended(
+            self, self.close_reason or ("client closed" if exc is None else str(exc)))
 
     def pause_writing(self) -> None:
         # The client reads slower than we produce: stop both sources of its replies.
@@ -504,8 +508,8 @@ class Session(asyncio.Protocol):
                 else:
                     self._frame_streamed = False
                 transport.write(data)
-                return
-            self._relay(data)
+            else:
+                self._relay(data)
         except ProtocolError as exc:
             log.error("backend sent malformed RESP (%s); closing %s", exc, self.src)
             self._abort_both()
@@ -770,6 +774,8 @@ class Session(asyncio.Protocol):
                 self._fail_pending()
             self.transport.close()
             return
+        if self._shutting_down:
+            return  # the server's drain deadline bounds the wait
         # Bound the wait for owed replies.
         asyncio.get_running_loop().call_later(
             self.state.drain_timeout_s, self._close_when_drained, True)
@@ -800,8 +806,23 @@ class Session(asyncio.Protocol):
         delay = timeout - idle_for if idle_for < timeout else timeout
         self._idle_handle = asyncio.get_running_loop().call_later(delay, self._idle_check)
 
+    def set_role(self, role_name: str, role: Any, decide: Any, counts: CommandCounts) -> None:
+        """Reload: the new role's rules apply from the next command on."""
+        if role_name != self.role_name:
+            self._audit_conn = self.state.audit.records.connection(
+                self.conn_id, self.src, self.identity, role_name)
+        self.role_name, self.role, self._decide, self.counts = role_name, role, decide, counts
+
+    def close_for(self, reason: str) -> None:
+        """Close now (reload found the certificate or mapping no longer valid)."""
+        self.close_reason = reason
+        self._closing = True
+        if self.transport is not None:
+            self.transport.close()
+
     def drain(self) -> None:
-        """Shutdown: stop reading; close once owed replies are out (bounded)."""
+        """Shutdown: stop reading; close once owed replies are out (the server bounds it)."""
+        self._shutting_down = True
         self._closing = True
         self._pause_client("shutdown")
         self._close_when_drained()

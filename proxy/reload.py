@@ -1,0 +1,187 @@
+"""SIGHUP: re-read certificates, CA, CRL, roles and identity rules without dropping valid
+connections.
+
+Everything is validated first (exactly as `run` loads it); on any error the proxy keeps
+serving on the old configuration and the failure is audited. On success new connections use
+the new material at once, and every live session is re-evaluated: revoked, no longer issued
+by a trusted CA, no longer mapped to a role, or over its role's max_cert_validity_h -> closed
+(audited with the reason); role changed -> the new rules apply from its next command.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from cryptography import x509
+
+from proxy.config import Config, ConfigError
+from proxy.identity import map_role
+from proxy.metrics import identity_label
+from proxy.startup import load_everything
+from proxy.tls import backend_context, listener_context
+
+if TYPE_CHECKING:
+    from proxy.server import ServerState
+    from proxy.session import Session
+
+log = logging.getLogger("phiproxy.reload")
+
+EXPIRY_WARNING = timedelta(days=14)
+
+
+def expiry_warnings(config: Config, now: datetime | None = None) -> list[str]:
+    """Certificates of the configuration that expire within 14 days (or already have)."""
+    now = now or datetime.now(UTC)
+    warnings = []
+    for label, path in (("[listener] cert", config.listener.cert),
+                        ("[listener] client_ca", config.listener.client_ca),
+                        ("[backend] cert", config.backend.cert),
+                        ("[backend] ca", config.backend.ca)):
+        try:
+            certs = x509.load_pem_x509_certificates(Path(path).read_bytes())
+        except (OSError, ValueError):
+            continue  # load_everything reports unreadable material
+        for cert in certs:
+            left = cert.not_valid_after_utc - now
+            if left < EXPIRY_WARNING:
+                state = "expired" if left.total_seconds() < 0 else f"expires in {left.days} days"
+                warnings.append(f"{label} {path}: certificate {cert.subject.rfc4514_string()} "
+                                f"{state} ({cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC)")
+    return warnings
+
+
+def _revoked_serials(config: Config) -> set[int]:
+    if config.listener.crl is None:
+        return set()
+    crl = x509.load_pem_x509_crl(Path(config.listener.crl).read_bytes())
+    return {entry.serial_number for entry in crl}
+
+
+def _trusted_issuers(config: Config) -> list[x509.Certificate]:
+    return x509.load_pem_x509_certificates(Path(config.listener.client_ca).read_bytes())
+
+
+def _issued_by_any(der: bytes, cas: list[x509.Certificate]) -> bool:
+    cert = x509.load_der_x509_certificate(der)
+    for ca in cas:
+        try:
+            cert.verify_directly_issued_by(ca)
+            return True
+        except (ValueError, TypeError, x509.InvalidSignature):
+            continue
+    return False
+
+
+def _keep_fixed(old: Config, new: Config) -> tuple[Config, list[str]]:
+    """Sockets and the audit trail are bound at start: changes there need a restart."""
+    notes = []
+    if (old.listener.address, old.listener.port) != (new.listener.address, new.listener.port):
+        notes.append("[listener] address/port change needs a restart; kept "
+                     f"{old.listener.address}:{old.listener.port}")
+    if old.audit != new.audit:
+        notes.append("[audit] changes need a restart; kept the running audit settings")
+    if old.metrics != new.metrics:
+        notes.append("[metrics] changes need a restart; kept the running endpoint")
+    listener = dataclasses.replace(new.listener, address=old.listener.address,
+                                   port=old.listener.port)
+    return dataclasses.replace(new, listener=listener, audit=old.audit,
+                               metrics=old.metrics), notes
+
+
+def reload(state: ServerState) -> bool:
+    """Reload from the configuration file; True when the new configuration is in force."""
+    old = state.config
+    try:
+        new, decide, roles = load_everything(old.path)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            log.error("reload refused, still serving the previous configuration: %s", problem)
+        state.audit.write_one(state.audit.records.reload(
+            ok=False, reason="; ".join(exc.problems)[:2000]))
+        return False
+    new, notes = _keep_fixed(old, new)
+    try:
+        revoked = _revoked_serials(new)
+        issuers = _trusted_issuers(new)
+        listener_ssl = listener_context(new.listener)
+    except (OSError, ValueError) as exc:  # validated above; a file changed in between
+        log.error("reload refused: %s", exc)
+        state.audit.write_one(state.audit.records.reload(ok=False, reason=str(exc)))
+        return False
+
+    changes = list(notes)
+    added = sorted(set(roles) - set(state.roles))
+    removed = sorted(set(state.roles) - set(roles))
+    if added:
+        changes.append(f"roles added: {', '.join(added)}")
+    if removed:
+        changes.append(f"roles removed: {', '.join(removed)}")
+    for label, before, after in (("server certificate", old.listener.cert, new.listener.cert),
+                                 ("client CA", old.listener.client_ca, new.listener.client_ca),
+                                 ("CRL", old.listener.crl, new.listener.crl)):
+        changes.append(f"{label} reloaded from {after}" if before == after
+                       else f"{label} replaced: {before} -> {after}")
+    if new.backend != old.backend:
+        _replace_pool(state, new)
+        changes.append("backend settings changed: new connections use them")
+
+    state.config = new
+    state.decide = decide
+    state.roles = roles
+    state.listener_ssl = listener_ssl
+    state.networks = new.listener.allow_networks
+    state.metrics.set_server_cert(new.listener.cert)
+    state.metrics.set_client_ca(new.listener.client_ca)
+
+    closed = 0
+    for session in list(state.sessions):
+        reason = _reevaluate(state, session, revoked, issuers)
+        if reason is not None:
+            closed += 1
+            log.warning("reload: closing %s (%s): %s", session.src,
+                        session.identity.subject, reason)
+            session.close_for(reason)
+    changes.append(f"sessions re-evaluated: {len(state.sessions)} kept, {closed} closed")
+    warnings = expiry_warnings(new)
+    for warning in warnings:
+        log.warning("%s", warning)
+    summary = "; ".join(changes + warnings)
+    log.info("reload done: %s", summary)
+    state.audit.write_one(state.audit.records.reload(ok=True, reason=summary[:4000]))
+    state.reloads += 1
+    return True
+
+
+def _replace_pool(state: ServerState, new: Config) -> None:
+    from proxy.backend import BackendPool
+
+    old_pool = state.pool
+    state.pool = BackendPool(new.backend, backend_context(new.backend))
+    state.pool.start()
+    asyncio.get_running_loop().create_task(old_pool.close())  # idle ones only
+
+
+def _reevaluate(state: ServerState, session: Session, revoked: set[int],
+                issuers: list[x509.Certificate]) -> str | None:
+    """Why this live session may not go on under the new configuration, or None."""
+    identity = session.identity
+    if identity.serial in revoked:
+        return "certificate revoked (new CRL)"
+    if session.peer_der is not None and not _issued_by_any(session.peer_der, issuers):
+        return "certificate no longer issued by a trusted client CA"
+    mapped = map_role(state.config.identities, identity)
+    if mapped is None or mapped[0] not in state.roles:
+        return "identity no longer maps to a role"
+    role_name, rule_index = mapped
+    problem = state.certificate_problem(identity, role_name)
+    if problem is not None:
+        return problem
+    session.set_role(role_name, state.roles[role_name], state.decide,
+                     state.metrics.command_counter(
+                         role_name, identity_label(state.config.identities[rule_index])))
+    return None
