@@ -78,3 +78,22 @@ def test_certs_dev_writes_private_keys_0600(tmp_path: Path) -> None:
     for key in out.glob("*-key.pem"):
         assert stat.S_IMODE(key.stat().st_mode) == 0o600, key
     assert phiproxy("certs", "dev", "--out", str(out), "--client", "../evil").returncode == 2
+
+
+def test_shipped_example_config_passes_check_config(tmp_path: Path) -> None:
+    """config/phiproxy.example.toml, beside a dev PKI and secrets laid out as it expects."""
+    root = Path(__file__).resolve().parents[2]
+    (tmp_path / "config").mkdir()
+    example = tmp_path / "config" / "phiproxy.example.toml"
+    example.write_text((root / "config" / "phiproxy.example.toml").read_text())
+    assert phiproxy("certs", "dev", "--out", str(tmp_path / "certs-dev"),
+                    "--client", "billing-service").returncode == 0
+    (tmp_path / "secrets").mkdir(mode=0o700)
+    key = tmp_path / "secrets" / "audit.key"
+    fd = os.open(key, os.O_WRONLY | os.O_CREAT, 0o600)
+    os.write(fd, os.urandom(32))
+    os.close(fd)
+    (tmp_path / "audit").mkdir()
+    result = phiproxy("check-config", "-c", str(example))
+    assert result.returncode == 0, result.stderr
+    assert "3 roles" in result.stdout
