@@ -193,6 +193,8 @@ class Metrics:
         self._denied: dict[tuple[str, str, str], int] = {}
         self.protocol_errors = 0
         self.backend_lost_count = 0
+        self.reloads = {"ok": 0, "failed": 0}
+        self.reload_sessions_closed = 0
         self.backend_up: bool | None = None
         self.backend_idle = 0
         self._backend_probe: Callable[[], tuple[bool, int]] | None = None
@@ -257,6 +259,11 @@ class Metrics:
 
     def backend_lost(self) -> None:
         self.backend_lost_count += 1
+
+    def reloaded(self, ok: bool, sessions_closed: int = 0) -> None:
+        """A SIGHUP reload: applied or refused, and how many sessions it closed."""
+        self.reloads["ok" if ok else "failed"] += 1
+        self.reload_sessions_closed += sessions_closed
 
     # ------------------------------------------------------------------ state read at scrape
     def set_backend_state(self, up: bool, idle: int) -> None:
@@ -421,6 +428,15 @@ class _Collector:
                                   "a RESP protocol error", value=m.protocol_errors)
         yield CounterMetricFamily(PREFIX + "backend_lost", "Backend connections lost under a "
                                   "client session", value=m.backend_lost_count)
+        reloads = CounterMetricFamily(PREFIX + "reloads", "SIGHUP reloads, applied (ok) or "
+                                      "refused for a bad configuration (failed)",
+                                      labels=["result"])
+        for result, n in m.reloads.items():
+            reloads.add_metric([result], n)
+        yield reloads
+        yield CounterMetricFamily(PREFIX + "reload_sessions_closed", "Sessions a reload "
+                                  "closed (revoked, unmapped, or over max_cert_validity_h)",
+                                  value=m.reload_sessions_closed)
         yield from self._backend()
         yield from self._audit()
         yield from self._certs()

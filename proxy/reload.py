@@ -103,6 +103,7 @@ def reload(state: ServerState) -> bool:
             log.error("reload refused, still serving the previous configuration: %s", problem)
         state.audit.write_one(state.audit.records.reload(
             ok=False, reason="; ".join(exc.problems)[:2000]))
+        state.metrics.reloaded(ok=False)
         return False
     new, notes = _keep_fixed(old, new)
     try:
@@ -153,7 +154,7 @@ def reload(state: ServerState) -> bool:
     summary = "; ".join(changes + warnings)
     log.info("reload done: %s", summary)
     state.audit.write_one(state.audit.records.reload(ok=True, reason=summary[:4000]))
-    state.reloads += 1
+    state.metrics.reloaded(ok=True, sessions_closed=closed)
     return True
 
 

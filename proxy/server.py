@@ -50,7 +50,6 @@ class ServerState:
         self.is_phi_key = compile_patterns([p.encode() for p in config.audit.phi_keys])
         self.metrics.watch_audit(_AuditStatsView(self.audit.stats))
         self._conn_ids = itertools.count(1)
-        self.reloads = 0
         self.listener_ssl = listener_context(config.listener)
         self.pool = BackendPool(config.backend, backend_context(config.backend))
         lock = config.lockout

@@ -139,6 +139,8 @@ def test_revoking_a_connected_client_closes_only_that_connection(reloadable: Pro
     records = trail(reloadable)
     assert any(r["event"] == "disconnect" and r["identity"]["cn"] == "app-writer"
                and "revoked" in (r.get("reason") or "") for r in records)
+    reload_record = [r for r in records if r["event"] == "reload"][-1]
+    assert "1 closed" in reload_record["reason"]
 
 
 def test_role_change_applies_from_the_next_command(reloadable: Proxy) -> None:

@@ -414,3 +414,16 @@ def test_registries_are_private(clock: Clock) -> None:
     assert b"phiproxy_connections_open 1.0" in a.exposition()
     assert b"phiproxy_connections_open 0.0" in b.exposition()
     assert b"phiproxy_connections_open" not in prometheus_client.generate_latest()
+
+
+def test_reload_counters_by_value() -> None:
+    m = Metrics()
+    m.reloaded(ok=True, sessions_closed=2)
+    m.reloaded(ok=True)
+    m.reloaded(ok=False)
+    found = {(s.name, s.labels.get("result")): s.value
+             for family in text_string_to_metric_families(m.exposition().decode())
+             for s in family.samples}
+    assert found[("phiproxy_reloads_total", "ok")] == 2
+    assert found[("phiproxy_reloads_total", "failed")] == 1
+    assert found[("phiproxy_reload_sessions_closed_total", None)] == 2
