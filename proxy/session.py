@@ -81,6 +81,8 @@ class Session(asyncio.Protocol):
         self._is_phi = state.is_phi_key
         self._records: list[bytes] = []
         self._audited: list[tuple[int, int]] = []  # (index in out, index in pending or -1)
+        self._batch_start = 0  # len(pending) when the current read started
+        self._batch_multi = False  # a transaction was open when it started
         self.bytes_in = self.bytes_out = 0
         self.peer_der: bytes | None = None  # the client certificate, for reload checks
         self.close_reason: str | None = None
@@ -191,6 +193,8 @@ class Session(asyncio.Protocol):
         decide = self._decide
         role = self.role
         counts = self.counts
+        self._batch_start = len(pending)
+        self._batch_multi = self._in_multi
         for argv in commands:
             self.commands += 1
             name = argv[0].lower()
@@ -248,14 +252,25 @@ class Session(asyncio.Protocol):
         if not self.state.config.audit.fail_closed or not audited:
             return True
         pending = self._pending
-        for out_index, pending_index in audited:
-            out[out_index] = b""
-            if pending_index >= 0:
-                entry = pending[pending_index]
-                if type(entry) is list:
-                    entry[ERROR] += 1
-                pending[pending_index] = canned.AUDIT_UNAVAILABLE
+        if self._batch_multi or self._in_multi:
+            # A transaction was open in this read: taking back only the audited commands
+            # would let EXEC run the rest. Take back the whole read; a transaction left
+            # open ends in EXECABORT, as in Redis after a queueing error.
+            out[:] = [b""] * len(out)
+            takeback = range(self._batch_start, len(pending))
+            self._multi_dirty = True
+        else:
+            for out_index, _ in audited:
+                out[out_index] = b""
+            takeback = [index for _, index in audited if index >= 0]
+        for pending_index in takeback:
+            entry = pending[pending_index]
+            if type(entry) is bytes:
+                continue  # already answered here (a refusal)
+            if type(entry) is list:  # a plain entry becomes a local one
+                entry[ERROR] += 1
                 self._special += 1
+            pending[pending_index] = canned.AUDIT_UNAVAILABLE
         self.state.audit_failed(self)
         if self.transport is not None:
             head: list[bytes] = []
@@ -403,7 +418,7 @@ class Session(asyncio.Protocol):
         if len(argv) == 1:
             if not self._in_multi:
                 self._multi_dirty = False
-            self._in_multi = True
+            self._in_multi = self._batch_multi = True
         self._forward_raw(argv, out)
 
     def _cmd_exec(self, argv: list[bytes], out: list[bytes]) -> None:

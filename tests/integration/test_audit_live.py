@@ -153,6 +153,12 @@ def test_fail_closed_refuses_phi_commands_then_recovers(audited: Proxy,
     assert refused_key is not None
     assert backend.client().get(refused_key) is None  # never reached Redis
     assert client.set("cache:not-phi", "1")  # commands without PHI still work
+    # A transaction with one unauditable command must not run the rest of it.
+    tx = client.pipeline(transaction=True)
+    tx.set("cache:tx", "1").set("app:phi:tx", "1")
+    with pytest.raises(redis.RedisError):
+        tx.execute()
+    assert backend.client().get("cache:tx") is None
     trail.rmdir()
     deadline = time.monotonic() + 5
     while True:  # the writer reopens the path by itself
