@@ -38,6 +38,13 @@ def _parser() -> argparse.ArgumentParser:
     who.add_argument("--role", help="a role name instead of a certificate")
     explain.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD [ARG...]")
 
+    scan = sub.add_parser(
+        "scan-backend", help="check the backend's hardening (SPEC §8)",
+        description="Exit 0: no control failed; 1: a control failed; 2: bad configuration "
+                    "or the backend cannot be reached.")
+    scan.add_argument("-c", "--config", required=True, type=Path)
+    scan.add_argument("--json", action="store_true", help="print one JSON object")
+
     certs = sub.add_parser("certs", help="certificate helpers")
     certs_sub = certs.add_subparsers(dest="certs_command", required=True, metavar="SUBCOMMAND")
     dev = certs_sub.add_parser("dev", help="write a development PKI")
@@ -70,6 +77,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from proxy.explain_cli import cmd_explain
 
         return cmd_explain(args)
+    if args.command == "scan-backend":
+        from proxy.scan import cmd_scan_backend
+
+        return cmd_scan_backend(args)
     return EXIT_USAGE
 
 

@@ -118,10 +118,15 @@ class RedisServer:
 
 
 def start_redis(pki: PKI, workdir: Path, port: int | None = None,
-                extra: tuple[str, ...] = ()) -> RedisServer:
+                extra: tuple[str, ...] = (), config_file: Path | None = None) -> RedisServer:
+    """A TLS redis-server on `port`. With `config_file`, that file decides everything but
+    the TLS port, certificates, bind, dir and logfile (no users, persistence or plaintext
+    port are added: the file brings them); `extra` overrides come last either way."""
     require("redis-server")
     port = port or free_port()
     workdir.mkdir(parents=True, exist_ok=True)
+    if config_file is not None:
+        return _start_redis_with_file(pki, workdir, port, extra, config_file)
     args = [
         "redis-server", "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1",
         "--tls-cert-file", str(pki.path("backend.pem")),
@@ -136,6 +141,28 @@ def start_redis(pki: PKI, workdir: Path, port: int | None = None,
     ]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_port(port, proc)
+    return RedisServer(port, proc, workdir, pki)
+
+
+def _start_redis_with_file(pki: PKI, workdir: Path, port: int, extra: tuple[str, ...],
+                           config_file: Path) -> RedisServer:
+    log = workdir / "redis.log"
+    args = [
+        "redis-server", str(config_file), "--tls-port", str(port), "--bind", "127.0.0.1",
+        "--tls-cert-file", str(pki.path("backend.pem")),
+        "--tls-key-file", str(pki.path("backend-key.pem")),
+        "--tls-ca-cert-file", str(pki.path("backend-ca.pem")),
+        "--dir", str(workdir), "--logfile", str(log), *extra,
+    ]
+    early = workdir / "redis.stderr"  # config errors are printed before the log opens
+    with open(early, "wb") as out:
+        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_port(port, proc)
+    except RuntimeError as exc:  # e.g. the file has a line this Redis refuses
+        proc.kill()
+        proc.wait()
+        raise RuntimeError(f"{exc}\n--- redis-server said:\n{early.read_text()}") from exc
     return RedisServer(port, proc, workdir, pki)
 
 
