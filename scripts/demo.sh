@@ -148,7 +148,11 @@ cp "$RUN/audit/audit.jsonl" "$RUN/audit/tampered.jsonl"
 sed -i '0,/"command":"get"/s//"command":"del"/' "$RUN/audit/tampered.jsonl"
 phiproxy audit verify "$RUN/audit/tampered.jsonl" --key-file "$RUN/audit.key" --no-head 2>&1 | sed 's/^/  /' || true
 
-step "9. what the proxy logged (stderr)"
+step "9. the backend's hardening, by HIPAA section (phiproxy scan-backend; the demo backend is not hardened)"
+printf '$ phiproxy scan-backend -c %s | grep -E "^HIPAA|FAIL|summary"\n' "$RUN/phiproxy.toml"
+phiproxy scan-backend -c "$RUN/phiproxy.toml" 2>&1 | grep -E "^HIPAA|^  FAIL|^summary" | sed 's/^/  /' || true
+
+step "10. what the proxy logged (stderr)"
 sleep 0.2
 sed 's/^/  /' "$RUN/proxy.log"
 printf '\nDemo files are in %s (certificates, configuration, logs).\n' "$RUN"
