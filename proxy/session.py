@@ -109,7 +109,8 @@ class Session(asyncio.Protocol):
         self._early: list[bytes] = []  # commands waiting for the backend connection
         # Tracked Redis connection state.
         self._proto = 2
-        self._db = 0
+        self._db = 0  # confirmed by Redis's reply to SELECT
+        self._audit_db = 0  # as of the command being handled: SELECT counts when sent
         self._subs: dict[str, set[bytes]] = {"channels": set(), "patterns": set(), "shard": set()}
         self._in_multi = False
         self._multi_dirty = False
@@ -236,7 +237,8 @@ class Session(asyncio.Protocol):
     def _audit_command(self, decision: Decision, out: list[bytes]) -> None:
         """A `command` record for what is about to be forwarded (out and pending positions
         kept, so a failed write can take exactly these commands back)."""
-        self._records.append(self._audit_conn.command(decision.command, decision.keys, self._db))
+        self._records.append(self._audit_conn.command(decision.command, decision.keys,
+                                                      self._audit_db))
         self._audited.append((len(out), len(self._pending) if self._reply_mode == 0 else -1))
 
     def _write_audit(self, out: list[bytes]) -> bool:
@@ -313,7 +315,7 @@ class Session(asyncio.Protocol):
     def _refuse(self, decision: Decision) -> None:
         self.counts[decision.command][DENIED] += 1
         self._records.append(self._audit_conn.denied(
-            decision.command, decision.keys, self._db, decision.reason))
+            decision.command, decision.keys, self._audit_db, decision.reason))
         if self._in_multi:
             self._multi_dirty = True  # Redis aborts the transaction at EXEC
         self.state.command_refused(self, decision)
@@ -402,6 +404,8 @@ class Session(asyncio.Protocol):
         except ValueError:
             db = -1
         self._forward_tracked(argv, out, Pending(K_SELECT, arg=db))
+        if db >= 0:
+            self._audit_db = db  # commands behind it in this pipeline run there
 
     def _cmd_subscribe(self, argv: list[bytes], out: list[bytes]) -> None:
         if not self._decide_special(argv):
@@ -646,13 +650,15 @@ class Session(asyncio.Protocol):
         else:
             out.append(chunk)
             if is_error:
+                if k == K_SELECT:
+                    self._audit_db = self._db  # Redis refused it: still where we were
                 return
             if k == K_HELLO:
                 self._proto = entry.arg
             elif k == K_SELECT:
                 self._db = entry.arg
             elif k == K_RESET:
-                self._proto, self._db, self._monitor = 2, 0, False
+                self._proto, self._db, self._audit_db, self._monitor = 2, 0, 0, False
                 for subs in self._subs.values():
                     subs.clear()
             elif k == K_MONITOR:
@@ -703,7 +709,7 @@ class Session(asyncio.Protocol):
                 if self.transport is not None:
                     self.transport.close()
                 return
-            self._db = start_db
+            self._db = self._audit_db = start_db
         self._connecting = None
         if self._closing and self.transport is None:
             backend.close()

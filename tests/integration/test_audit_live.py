@@ -207,3 +207,22 @@ def test_command_records_match_phi_commands_executed_under_load(audited: Proxy,
     command_records = [r for r in records(audited)
                        if r["event"] == "command" and r["command"] == "hset"]
     assert len(command_records) == executed
+
+
+def test_command_records_carry_the_db_of_a_pipelined_select(audited: Proxy) -> None:
+    ctx = audited.ssl_context("app-writer")
+    with socket.create_connection(("127.0.0.1", audited.port), timeout=5) as raw, \
+            ctx.wrap_socket(raw, server_hostname="localhost") as tls:
+        tls.sendall(b"SELECT 3\r\nSET app:phi:in3 x\r\nSELECT 99\r\nSET app:phi:still3 y\r\n")
+        data = b""
+        while data.count(b"\r\n") < 4:
+            data += tls.recv(4096)
+        assert data.startswith(b"+OK\r\n+OK\r\n-ERR")  # db 99 is out of range
+        tls.sendall(b"SET app:phi:after z\r\n")
+        assert tls.recv(64) == b"+OK\r\n"
+    time.sleep(0.2)
+    dbs = {r["keys"][0]: r["db"] for r in records(audited)
+           if r["event"] == "command" and r["command"] == "set"}
+    assert dbs["app:phi:in3"] == 3  # the pipelined SELECT counts before its reply is back
+    # SELECT 99 was in flight for the next record; once refused, the session is back in 3.
+    assert dbs["app:phi:after"] == 3
