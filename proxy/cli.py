@@ -7,6 +7,7 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from proxy.config import ConfigError
 from proxy.startup import load_everything
@@ -105,21 +106,31 @@ def cmd_run(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=getattr(logging, args.log_level.upper()), stream=sys.stderr,
         format="%(asctime)s phiproxy[%(process)d] %(levelname)s %(name)s: %(message)s")
-    if args.workers != 1:
-        print("error: --workers: only 1 worker is supported in this version", file=sys.stderr)
+    from proxy.workers import MAX_WORKERS, run_workers, worker_config
+
+    if not 1 <= args.workers <= MAX_WORKERS:
+        print(f"error: --workers {args.workers}: give 1 to {MAX_WORKERS}", file=sys.stderr)
         return EXIT_USAGE
     try:
         config, decide, roles = load_everything(args.config)
     except ConfigError as exc:
         _print_problems(exc.problems)
         return EXIT_USAGE
+    if args.workers == 1:
+        return _serve(args, config, decide, roles, reuse_port=False)
+    return run_workers(args.workers, lambda index: _serve(
+        args, worker_config(config, index), decide, roles, reuse_port=True))
+
+
+def _serve(args: argparse.Namespace, config: Any, decide: Any, roles: dict[str, Any], *,
+           reuse_port: bool) -> int:
     import uvloop
 
     from proxy.audit.chain import AuditError
     from proxy.server import ServerState, serve
 
     async def _main() -> int:
-        state = ServerState(config, decide, roles)
+        state = ServerState(config, decide, roles, reuse_port=reuse_port)
         metrics_cfg = config.metrics
         try:
             state.metrics.start_http(metrics_cfg.address, metrics_cfg.port, state.readiness)

@@ -40,8 +40,9 @@ class ServerState:
     """Everything sessions share: configuration, policy, backend pool, event sink."""
 
     def __init__(self, config: Config, decide: Decide, roles: dict[str, Any],
-                 events: Events | None = None) -> None:
+                 events: Events | None = None, *, reuse_port: bool = False) -> None:
         self.config = config
+        self.reuse_port = reuse_port  # --workers: several processes share the port
         self.decide = decide
         self.roles = roles
         self.metrics = Metrics(roles=config.roles)
@@ -380,14 +381,17 @@ async def learn_backend_commands(state: ServerState) -> None:
              f": {', '.join(added[:20])}" if added else "")
 
 
-def listen_socket(address: str, port: int) -> socket.socket:
-    """A non-blocking listening TCP socket (IPv4 or IPv6 by the address)."""
+def listen_socket(address: str, port: int, reuse_port: bool = False) -> socket.socket:
+    """A non-blocking listening TCP socket (IPv4 or IPv6 by the address); with reuse_port
+    the kernel spreads connections over every process that listens on the port."""
     infos = socket.getaddrinfo(address or None, port, type=socket.SOCK_STREAM,
                                flags=socket.AI_PASSIVE)
     family, socktype, proto, _, sockaddr = infos[0]
     sock = socket.socket(family, socktype, proto)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind(sockaddr)
         sock.listen(1024)
         sock.setblocking(False)
@@ -415,7 +419,7 @@ async def serve(state: ServerState, *, ready: Callable[[], None] | None = None) 
     if state.config.backend.learn_commands:
         await learn_backend_commands(state)
     state.pool.start()
-    acceptor = Acceptor(state, listen_socket(cfg.address, cfg.port))
+    acceptor = Acceptor(state, listen_socket(cfg.address, cfg.port, state.reuse_port))
     acceptor.start()
     log.info("phiproxy listening on %s:%s (mutual TLS, min %s), backend %s:%s",
              cfg.address, cfg.port, cfg.min_tls, state.config.backend.address,
