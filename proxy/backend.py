@@ -244,8 +244,6 @@ class BackendPool:
             self._idle.append(conn)
 
     def _live_idle(self) -> deque[BackendConnection]:
-        while self._idle and self._idle[0].closed:
-            self._idle.popleft()
         if any(c.closed for c in self._idle):
             self._idle = deque(c for c in self._idle if not c.closed)
         return self._idle

@@ -7,7 +7,6 @@ per command, only per connection.
 from __future__ import annotations
 
 import logging
-from collections import Counter
 from typing import Any
 
 from proxy.metrics import Metrics
@@ -18,21 +17,18 @@ log = logging.getLogger("phiproxy")
 class Events:
     def __init__(self, metrics: Metrics | None = None) -> None:
         self.metrics = metrics or Metrics()
-        self.counts: Counter[tuple[str, str]] = Counter()
 
     def refused(self, reason: str, src: str, detail: str = "", quiet: bool = False) -> None:
         """A connection closed before or during the TLS handshake (allowlist, limit, TLS).
 
         `quiet`: counted but not logged (a locked-out source retrying must not flood logs).
         """
-        self.counts[("refused", reason)] += 1
         self.metrics.connection_refused(reason)
         if not quiet:
             suffix = f" ({detail})" if detail else ""
             log.warning("connection refused from %s: %s%s", src, reason, suffix)
 
     def identity_refused(self, src: str, subject: str, fingerprint: str, reason: str) -> None:
-        self.counts[("refused", "identity")] += 1
         self.metrics.connection_refused("identity")
         log.warning("connection refused from %s: %s (subject %s, sha256 %s)",
                     src, reason, subject, fingerprint)
@@ -43,7 +39,6 @@ class Events:
 
     def connected(self, src: str, subject: str, role: str, tls: dict[str, Any],
                   not_after: Any = None) -> None:
-        self.counts[("accepted", role)] += 1
         self.metrics.connection_opened()
         if not_after is not None:
             self.metrics.client_cert_seen(not_after)
@@ -51,16 +46,13 @@ class Events:
                  src, subject, role, tls.get("version"), tls.get("cipher"))
 
     def disconnected(self, src: str, subject: str, commands: int, reason: str) -> None:
-        self.counts[("closed", reason)] += 1
         self.metrics.connection_closed()
         log.info("connection from %s (%s) closed after %d commands: %s",
                  src, subject, commands, reason)
 
     def protocol_error(self, src: str, message: str) -> None:
-        self.counts[("protocol_error", "")] += 1
         self.metrics.protocol_error()
         log.warning("protocol error from %s: %s; connection closed", src, message)
 
     def backend_lost(self) -> None:
-        self.counts[("backend_lost", "")] += 1
         self.metrics.backend_lost()

@@ -196,9 +196,6 @@ class ServerState:
         self.metrics.denied(session.role_name, session.counts.identity,
                             decision.extra or "acl")
 
-    def client_auth(self, session: Session, username: str | None) -> None:
-        self.events.counts[("auth", session.role_name)] += 1
-
     def backend_lost(self, session: Session) -> None:
         self.events.backend_lost()
 

@@ -364,7 +364,6 @@ class Session(asyncio.Protocol):
             return
         username = argv[1].decode("utf-8", "replace") if len(argv) == 3 else None
         self._records.append(self._audit_conn.auth(username=username, command="auth"))
-        self.state.client_auth(self, username)
         if self._in_multi:
             self._multi_dirty = True
             self._local(canned.error("phiproxy: AUTH inside MULTI is not supported"))
@@ -383,7 +382,6 @@ class Session(asyncio.Protocol):
                     return
                 username = argv[i + 1].decode("utf-8", "replace")
                 self._records.append(self._audit_conn.auth(username=username, command="hello"))
-                self.state.client_auth(self, username)
                 i += 3
                 continue
             stripped.append(argv[i])
