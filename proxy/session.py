@@ -334,11 +334,7 @@ class Session(asyncio.Protocol):
                     "run it outside the transaction", prefix="NOPERM")))
             return
         self._audit_command(decision, out)  # KEYS/SCAN read names without naming them
-        out.append(encode_command(argv))
-        if self._reply_mode == 0:
-            self._push_pending(Pending(K_FILTER, filter=decision.reply_filter))
-        elif self._reply_mode == 2:
-            self._reply_mode = 0
+        self._forward_tracked(argv, out, Pending(K_FILTER, filter=decision.reply_filter))
 
     def _decide_special(self, argv: list[bytes]) -> Decision | None:
         """Policy for a command the session also handles itself; refuses when denied."""

@@ -49,7 +49,10 @@ def refused_once(proxy: Proxy) -> None:
 def test_metrics_count_commands_denials_connections(pki: PKI, backend: RedisServer,
                                                     tmp_path: Path) -> None:
     port, mport = free_port(), free_port()
-    config = write_proxy_config(pki, tmp_path / "p", backend.port, port, metrics_port=mport)
+    roles = ('[roles.writer]\nacl = "+@all ~* &*"\n'
+             '[roles.reader]\nacl = "+@read +keys ~app:phi:*"\n')  # reader's KEYS is filtered
+    config = write_proxy_config(pki, tmp_path / "p", backend.port, port, metrics_port=mport,
+                                roles=roles)
     proxy = start_proxy(config, pki, port)
     try:
         status, _ = scrape(mport, "/healthz")
@@ -70,6 +73,7 @@ def test_metrics_count_commands_denials_connections(pki: PKI, backend: RedisServ
         for _ in range(3):
             with pytest.raises(redis.exceptions.NoPermissionError):
                 reader.set("app:phi:x", "1")
+        assert all(k.startswith(b"app:phi:") for k in reader.keys("*"))  # a filtered reply
         refused_once(proxy)
         time.sleep(0.3)
         _, text = scrape(mport)
@@ -82,6 +86,8 @@ def test_metrics_count_commands_denials_connections(pki: PKI, backend: RedisServ
         assert value(text, "phiproxy_commands_total", command="set", role="reader",
                      result="denied") == 3
         assert value(text, "phiproxy_denials_total", role="reader", reason="acl") == 3
+        assert value(text, "phiproxy_commands_total", command="keys", role="reader",
+                     result="ok") == 1
         assert value(text, "phiproxy_connections_total", result="refused",
                      reason="identity") == 1
         assert value(text, "phiproxy_connections_open") == 2
