@@ -147,13 +147,14 @@ class Session(asyncio.Protocol):
         self._last_activity = time.monotonic()
         self._received_at = time.perf_counter()
         self.bytes_in += len(data)
+        framer = self._framer
         try:
-            commands = self._framer.feed(data)
+            commands = framer.feed(data)
         except ProtocolError as exc:
             self._protocol_error(str(exc))
             return
         if commands:
-            self._handle(commands)
+            self._handle(commands, data if framer.verbatim else None)
 
     def eof_received(self) -> bool | None:
         # A client that half-closes still gets the replies it is owed.
@@ -188,60 +189,76 @@ class Session(asyncio.Protocol):
             self.backend.transport.resume_reading()
 
     # ------------------------------------------------------------------ requests
-    def _handle(self, commands: list[list[bytes]]) -> None:
-        out: list[bytes] = []
+    def _handle(self, commands: list[list[bytes]], raw: bytes | None = None) -> None:
+        """Decide and forward one read's commands. `raw`: the read's bytes when they are
+        exactly these commands in canonical form (RequestFramer.verbatim); if every
+        command goes to Redis unchanged, they are forwarded as they are."""
+        # `out` holds what goes to Redis, in order: an argv list for a command forwarded
+        # unchanged (encoded at the end, unless `raw` can go instead), bytes otherwise.
+        out: list[Any] = []
         pending = self._pending
         decide = self._decide
         role = self.role
         counts = self.counts
+        is_phi = self._is_phi
+        records = self._records
+        audited = self._audited
+        command_record = self._audit_conn.command
+        monitor = self._monitor  # only a reply changes it, never a command of this read
         self._batch_start = len(pending)
         self._batch_multi = self._in_multi
+        plain = handled = 0
         for argv in commands:
-            self.commands += 1
-            name = argv[0].lower()
-            special = _SPECIAL.get(name)
+            handled += 1
+            special = _SPECIAL.get(argv[0].lower())
             if special is not None:
                 special(self, argv, out)
                 if self._closing:  # QUIT
                     break
                 continue
-            if self._monitor:
+            if monitor:
                 self._local(canned.error("phiproxy: only QUIT is allowed on a MONITOR connection"))
                 continue
             decision = decide(role, argv)
-            if not decision.allowed:
+            allowed, command, _, _, _, _, reply_filter, sensitive, keys = decision
+            if not allowed:
                 self._refuse(decision)
                 continue
-            if decision.reply_filter is not None:
+            if reply_filter is not None:
                 self._forward_filtered(argv, decision, out)
                 continue
-            if decision.keyless_sensitive or (decision.keys and self._touches_phi(decision)):
-                self._audit_command(decision, out)
-            out.append(encode_command(argv))
+            if sensitive or (keys and (is_phi(keys[0]) if len(keys) == 1
+                                       else any(map(is_phi, keys)))):
+                # Write-ahead: positions kept so a failed write takes back exactly these.
+                records.append(command_record(command, keys, self._audit_db))
+                audited.append((len(out), len(pending) if self._reply_mode == 0 else -1))
+            out.append(argv)
+            plain += 1
             if self._reply_mode == 0:
-                pending.append(counts[decision.command])
+                pending.append(counts[command])
             elif self._reply_mode == 2:
                 self._reply_mode = 0
-        if self._records and not self._write_audit(out):
+        self.commands += handled
+        if records and not self._write_audit(out):
             out = [chunk for chunk in out if chunk]
         if out:
-            self._send(b"".join(out) if len(out) > 1 else out[0])
+            if raw is not None and plain == len(out) == len(commands):
+                self._send(raw)  # every command forwarded unchanged: the bytes as read
+            else:
+                self._send(b"".join([encode_command(chunk) if type(chunk) is list else chunk
+                                     for chunk in out]))
         if self._closing:
             self._close_when_drained()
 
     # ------------------------------------------------------------------ audit
-    def _touches_phi(self, decision: Decision) -> bool:
-        is_phi = self._is_phi
-        return any(is_phi(key) for key in decision.keys)
-
-    def _audit_command(self, decision: Decision, out: list[bytes]) -> None:
+    def _audit_command(self, decision: Decision, out: list[Any]) -> None:
         """A `command` record for what is about to be forwarded (out and pending positions
         kept, so a failed write can take exactly these commands back)."""
         self._records.append(self._audit_conn.command(decision.command, decision.keys,
                                                       self._audit_db))
         self._audited.append((len(out), len(self._pending) if self._reply_mode == 0 else -1))
 
-    def _write_audit(self, out: list[bytes]) -> bool:
+    def _write_audit(self, out: list[Any]) -> bool:
         """Write this read's records ahead of forwarding; on failure (fail_closed) refuse the
         audited commands in place with `-ERR audit unavailable`. False if out changed."""
         records, audited = self._records, self._audited

@@ -48,6 +48,10 @@ def key_text(key: bytes | str) -> str:
 
 def encode_keys(keys: Iterable[bytes | str]) -> bytes:
     # keys are names, not values: they may be written (SPEC §6)
+    if type(keys) is tuple and len(keys) == 1:
+        key = keys[0]
+        if type(key) is bytes and key.isascii():  # the hot path: one ASCII key name
+            return b"[" + _q(key.decode("ascii")).encode() + b"]"
     return ("[" + ",".join([_q(key_text(k)) for k in keys]) + "]").encode()
 
 
@@ -145,13 +149,14 @@ class AuditRecords:
 class ConnectionRecords:
     """Per-connection builders: the constant fields are encoded once, here."""
 
-    __slots__ = ("_command", "_denied", "_context", "_names")
+    __slots__ = ("_command", "_commands", "_denied", "_context", "_names")
 
     def __init__(self, context: bytes):
         self._context = context
         self._command = b'"event":"command",' + context + b',"command":'
         self._denied = b'"event":"denied",' + context + b',"command":'
         self._names: dict[str, bytes] = {}
+        self._commands: dict[str, bytes] = {}  # name -> the command body up to its keys
 
     def _name(self, name: str) -> bytes:
         encoded = self._names.get(name)
@@ -166,8 +171,13 @@ class ConnectionRecords:
 
         `name` is lower case with its subcommand ("config|get"); `keys` the key names.
         """
-        return (self._command + self._name(name) + encode_keys(keys)
-                + (_DB[db] if 0 <= db < 64 else b',"db":' + str(db).encode()))
+        prefix = self._commands.get(name)
+        if prefix is None:
+            prefix = self._command + self._name(name)
+            if len(self._commands) < _NAME_CACHE_MAX:
+                self._commands[name] = prefix
+        return b"".join((prefix, encode_keys(keys),
+                         _DB[db] if 0 <= db < 64 else b',"db":' + str(db).encode()))
 
     def denied(self, name: str, keys: Iterable[bytes | str], db: int, reason: str) -> bytes:
         return (self._denied + self._name(name) + encode_keys(keys)

@@ -11,7 +11,7 @@ precompiled pattern match, and hands everything else to `evaluate`.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 from proxy.commands.keys import (
     CHANNEL_COMMANDS,
@@ -110,22 +110,16 @@ def _always(_key: bytes) -> bool:
     return True
 
 
-_new = object.__new__
-_SET_KEYS = Decision.__dict__["keys"].__set__
+_new_tuple = tuple.__new__
 
 
 def _factory(template: Decision) -> Callable[[tuple[bytes, ...]], Decision]:
-    """`template` with other keys, built without the frozen dataclass __init__ (its
-    per-field object.__setattr__ costs more than the rest of an allowed GET's decision)."""
-    setters = [(Decision.__dict__[f.name].__set__, getattr(template, f.name))
-               for f in fields(Decision) if f.name != "keys"]
+    """`template` with other keys: its other fields, then the keys (the last field), in
+    one tuple construction."""
+    head = tuple(template)[:-1]
 
     def make(keys: tuple[bytes, ...]) -> Decision:
-        decision = _new(Decision)
-        for setter, value in setters:
-            setter(decision, value)
-        _SET_KEYS(decision, keys)
-        return decision
+        return _new_tuple(Decision, head + (keys,))
 
     return make
 

@@ -182,6 +182,8 @@ class RequestFramer:
         "_bulk",
         "_carried",
         "_error",
+        "_plain",
+        "verbatim",
     )
 
     def __init__(
@@ -213,6 +215,12 @@ class RequestFramer:
         self._bulk = -1  # declared length of the payload being waited for, or -1
         self._carried = 0  # encoded bytes of the partial command already consumed
         self._error: ProtocolError | None = None
+        self._plain = True  # no inline or empty command seen in this feed() so far
+        # After feed(): the data was exactly the commands returned, each in canonical form
+        # (`encode_command(argv)`), nothing held from before or kept for later. The header
+        # syntax is strict (string2ll), so a multibulk command accepted here is canonical;
+        # only inline and empty (`*0`, `*-1`) commands and chunk boundaries break this.
+        self.verbatim = False
 
     @property
     def buffered(self) -> int:
@@ -229,6 +237,9 @@ class RequestFramer:
         if self._error is not None:
             raise type(self._error)(str(self._error))
         out: list[list[bytes]] = []
+        self.verbatim = False
+        clean = not self._tail and self._argv is None
+        self._plain = True
         try:
             tail = self._tail
             if tail:
@@ -250,6 +261,8 @@ class RequestFramer:
             self._error = exc
             exc.commands = out
             raise
+        self.verbatim = bool(out) and clean and self._plain and not self._tail \
+            and self._argv is None
         return out
 
     # -- slow paths around the tail
@@ -402,6 +415,8 @@ class RequestFramer:
                         break
                     if argc:
                         append(toks[i + 2 : j : 2])
+                    else:
+                        self._plain = False
                 i = j
             # Bring off up to toks[i], counting from whichever side has fewer tokens.
             if i - i0 <= nt - i:
@@ -431,6 +446,7 @@ class RequestFramer:
         if argc is None:
             argc = self._parse_count(buf, pos, e)
         if argc <= 0:
+            self._plain = False
             return e + 2  # Redis skips empty and negative-count commands
         return self._args(buf, e + 2, [], argc, pos, out)
 
@@ -535,6 +551,7 @@ class RequestFramer:
 
     def _inline(self, buf: bytes, pos: int, out: list[list[bytes]]) -> int:
         """Frame one inline command at pos; return the next position, -1 if incomplete."""
+        self._plain = False
         e = buf.find(b"\n", pos)
         if e < 0:
             if len(buf) - pos > self._max_inline:

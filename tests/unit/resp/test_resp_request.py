@@ -541,3 +541,58 @@ inline_text = st.lists(
 @given(line=inline_text)
 def test_inline_split_matches_redis_generated(redis_port: int, line: bytes) -> None:
     assert ours_inline_args(line) == redis_inline_args(redis_port, line)
+
+
+# --- verbatim: the session forwards a read as it is only when this flag says it is exactly
+# the canonical encoding of the commands framed from it. A wrong True would let bytes other
+# than the checked argv reach Redis.
+
+
+def _verbatim_claims_hold(framer: RequestFramer, chunk: bytes, got: list[list[bytes]]) -> None:
+    if framer.verbatim:
+        assert got and b"".join(encode_command(argv) for argv in got) == chunk
+
+
+@settings(max_examples=300, deadline=None)
+@given(commands=argvs, cuts=st.lists(st.integers(min_value=0), max_size=8))
+def test_verbatim_only_when_the_bytes_are_the_canonical_commands(
+        commands: list[list[bytes]], cuts: list[int]) -> None:
+    data = b"".join(encode_command(argv) for argv in commands)
+    whole = RequestFramer()
+    got = whole.feed(data)
+    assert whole.verbatim == bool(commands)  # one clean read of canonical commands
+    _verbatim_claims_hold(whole, data, got)
+    framer = RequestFramer()
+    for chunk in split_at(data, cuts):
+        _verbatim_claims_hold(framer, chunk, framer.feed(chunk))
+
+
+@settings(max_examples=300, deadline=None)
+@given(parts=st.lists(fragment, max_size=20), cuts=st.lists(st.integers(min_value=0), max_size=6))
+def test_verbatim_never_claimed_for_other_bytes(parts: list[bytes], cuts: list[int]) -> None:
+    framer = RequestFramer()
+    for chunk in split_at(b"".join(parts), cuts):
+        try:
+            got = framer.feed(chunk)
+        except ProtocolError:
+            return
+        _verbatim_claims_hold(framer, chunk, got)
+
+
+@pytest.mark.parametrize(("chunks", "expected"), [
+    ([b"*1\r\n$4\r\nPING\r\n*2\r\n$3\r\nGET\r\n$1\r\nk\r\n"], [True]),
+    ([b"PING\r\n"], [False]),  # inline: re-encoded
+    ([b"*1\r\n$4\r\nPING\r\nPING\r\n"], [False]),
+    ([b"*0\r\n*1\r\n$4\r\nPING\r\n"], [False]),  # an empty command is skipped, not sent
+    ([b"*-1\r\n*1\r\n$4\r\nPING\r\n"], [False]),
+    ([b"*1\r\n$4\r\nPING\r\n*1\r\n$4\r\nPI"], [False]),  # a partial command is held back
+    ([b"*1\r\n$4\r\nPI", b"NG\r\n"], [False, False]),  # completes one held from before
+    ([b"*1\r\n$4\r\nPI", b"NG\r\n", b"*1\r\n$4\r\nPING\r\n"], [False, False, True]),
+])
+def test_verbatim_cases(chunks: list[bytes], expected: list[bool]) -> None:
+    framer = RequestFramer()
+    seen = []
+    for chunk in chunks:
+        framer.feed(chunk)
+        seen.append(framer.verbatim)
+    assert seen == expected
