@@ -198,3 +198,25 @@ def test_idle_timeout_closes_idle_client_but_not_blocked_one(
         wait_for_log(proxy, "closing idle connection")
     finally:
         proxy.stop()
+
+
+@pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3])
+def test_no_session_resumption(proxy: Proxy, version: ssl.TLSVersion) -> None:
+    """Every connection verifies its certificate in full: a session (ticket or session
+    ID) from an earlier connection is never resumed, so a CRL or CA change applied by a
+    reload cannot be sidestepped by resuming."""
+    ctx = proxy.ssl_context("app-writer")
+    ctx.maximum_version = version
+
+    def connect(session: ssl.SSLSession | None) -> tuple[ssl.SSLSession | None, bool]:
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as raw, \
+                ctx.wrap_socket(raw, server_hostname="localhost", session=session) as tls:
+            tls.sendall(b"PING\r\n")
+            assert tls.recv(64) == b"+PONG\r\n"  # TLS 1.3 tickets arrive before this
+            return tls.session, tls.session_reused
+
+    first, _ = connect(None)
+    second, reused = connect(first)
+    assert not reused
+    if version == ssl.TLSVersion.TLSv1_3:
+        assert first is None or not first.has_ticket
