@@ -7,6 +7,11 @@ the current file last) whatever the order on the command line, so `audit.jsonl*`
 `.head` and `.torn-*` files in the list are skipped. The numbers must be contiguous: a
 missing `audit.jsonl.2` between `.3` and `.1` is reported.
 
+Several trails: the configured path also brings the trails `phiproxy run --workers N` writes
+beside it (`audit.w1.jsonl`, `audit.w2.jsonl`, ...; they stand in for `audit.jsonl` when it
+does not exist), and files of different trails may be given together. Each trail is its
+own chain and is checked on its own; exit 0 only if every one verifies.
+
 What is checked, record by record: a complete line, JSON, the field order of SPEC §6, the
 MAC over the exact bytes, seq = previous seq + 1, prev = previous mac, and prev = 64 zeros
 for seq 1. A series may start after seq 1 (older files rotated away). Then the head file
@@ -26,6 +31,7 @@ import argparse
 import hmac
 import json
 import os
+import re
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -58,6 +64,48 @@ class Report:
     first_seq: int | None = None
     last_seq: int | None = None
     notes: list[str] = field(default_factory=list)
+
+
+def worker_trails(path: str) -> list[str]:
+    """The trails `phiproxy run --workers N` writes for the configured trail `path`
+    (`audit.jsonl` -> `audit.w1.jsonl`, `audit.w2.jsonl`, ...), by worker number."""
+    directory, name = os.path.split(path)
+    stem, dot, suffix = name.rpartition(".")
+    if not dot:
+        stem, suffix = name, ""
+    pattern = re.compile(re.escape(stem) + r"\.w([1-9][0-9]*)" + (re.escape("." + suffix)
+                                                                 if suffix else "") + "$")
+    found = []
+    try:
+        entries = os.listdir(directory or ".")
+    except OSError:
+        return []
+    for entry in entries:
+        match = pattern.match(entry)
+        if match:
+            found.append((int(match.group(1)), os.path.join(directory, entry)))
+    return [trail for _, trail in sorted(found)]
+
+
+def group_trails(arguments: Sequence[str]) -> list[list[str]]:
+    """The arguments split into trails (a trail: one file and its rotated siblings).
+
+    A configured trail path also brings the per-worker trails of `--workers N` next to
+    it; when only those exist (the proxy always ran with workers), they stand in for it.
+    """
+    groups: dict[str, list[str]] = {}
+    for argument in map(os.path.normpath, arguments):
+        name = os.path.basename(argument)
+        if name.endswith(files.HEAD_SUFFIX) or ".torn-" in name:
+            continue
+        base, number = files.split_rotated(argument)
+        if number == 0:
+            for trail in worker_trails(argument):
+                groups.setdefault(trail, []).append(trail)
+            if not os.path.isfile(argument) and worker_trails(argument):
+                continue
+        groups.setdefault(base, []).append(argument)
+    return list(groups.values())
 
 
 def plan(arguments: Sequence[str]) -> tuple[list[str], str | None]:
@@ -232,25 +280,50 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
     except AuditError as e:
         print(f"error: --key-file {e}", file=sys.stderr)
         return EXIT_USAGE
+    head_file = getattr(args, "head", None)
+    no_head = getattr(args, "no_head", False)
+    trails = group_trails(args.files)
+    if len(trails) > 1 and head_file is not None:
+        print("error: --head names the head file of one trail; these files belong to "
+              f"{len(trails)} trails: verify them one at a time", file=sys.stderr)
+        return EXIT_USAGE
+    if len(trails) <= 1:
+        return _verify_one(args.files, key, head_file, no_head, label="")
+    # Several trails (e.g. one per worker): each is a chain of its own; all must verify.
+    failed = 0
+    for trail in trails:
+        code = _verify_one(trail, key, None, no_head, label=f"{trail[0]}: ")
+        if code == EXIT_USAGE:
+            return code
+        failed += code != EXIT_OK
+    if failed:
+        print(f"FAILED: {failed} of {len(trails)} trails do not verify")
+        return EXIT_FAILED
+    print(f"OK: all {len(trails)} trails verify")
+    return EXIT_OK
+
+
+def _verify_one(files_: Sequence[str], key: bytes, head_file: str | None, no_head: bool,
+                label: str) -> int:
     try:
-        report = verify(args.files, key, head_file=getattr(args, "head", None),
-                        no_head=getattr(args, "no_head", False))
+        report = verify(files_, key, head_file=head_file, no_head=no_head)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except Broken as e:
-        print(f"FAILED {e.where}: {e.problem}")
+        print(f"{label}FAILED {e.where}: {e.problem}")
         return EXIT_FAILED
     for note in report.notes:
-        print(f"note: {note}")
+        print(f"{label}note: {note}")
     span = (f" (seq {report.first_seq}..{report.last_seq})" if report.records else "")
-    print(f"OK: {report.records} records{span} in {report.files} file(s)")
+    print(f"{label}OK: {report.records} records{span} in {report.files} file(s)")
     return EXIT_OK
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("files", nargs="+", metavar="FILE",
-                        help="the trail (its rotated files are found), or files of one trail")
+                        help="the trail (its rotated files and per-worker trails are found), "
+                             "or files of one or more trails")
     parser.add_argument("--key-file", required=True, help="the HMAC key ([audit] key_file)")
     parser.add_argument("--head", metavar="FILE", help="head file (default: FILE.head)")
     parser.add_argument("--no-head", action="store_true",

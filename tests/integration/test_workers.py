@@ -34,11 +34,14 @@ def test_two_workers_share_the_port_and_keep_separate_chains(pki: PKI, backend: 
         connects.append(text.count('"event":"connect"'))
         instance = "proxy-test-w1" if trail.name.startswith("audit.w1") else "proxy-test-w2"
         assert f'"instance":"{instance}"' in text
-        result = subprocess.run(
-            [sys.executable, "-m", "proxy", "audit", "verify", str(trail),
-             "--key-file", str(tmp_path / "p" / "audit.key")],
-            capture_output=True, text=True, timeout=60)
-        assert result.returncode == 0, result.stdout + result.stderr
+    # The configured path: verify finds both workers' trails and checks each chain.
+    result = subprocess.run(
+        [sys.executable, "-m", "proxy", "audit", "verify", str(tmp_path / "p" / "audit.jsonl"),
+         "--key-file", str(tmp_path / "p" / "audit.key")],
+        capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "audit.w1.jsonl: OK" in result.stdout and "audit.w2.jsonl: OK" in result.stdout
+    assert "OK: all 2 trails verify" in result.stdout
     assert sum(connects) >= 24  # (+ the port probe's refusal is no connect)
     assert all(n > 0 for n in connects), connects  # both workers served clients
 

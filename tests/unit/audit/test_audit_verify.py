@@ -253,3 +253,53 @@ def test_cli_on_a_copy_without_head(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert code == 1 and "head file missing" in out
     code, out, _ = run_cli(capsys, str(copy), "--key-file", str(key), "--no-head")
     assert code == 0 and "OK: 12 records" in out
+
+
+def make_worker_trails(directory: Path, count: int) -> list[Path]:
+    """What `run --workers N` leaves: audit.wN.jsonl (+ .head) beside the configured path."""
+    trails = []
+    for index in range(1, count + 1):
+        made = make_trail(subdir(directory, f"w{index}"), batches=2 + index)
+        for suffix in ("", ".head"):
+            target = directory / f"audit.w{index}.jsonl{suffix}"
+            shutil.move(str(made) + suffix, target)
+        trails.append(directory / f"audit.w{index}.jsonl")
+    return trails
+
+
+def test_configured_path_finds_every_worker_trail(tmp_path: Path, capsys) -> None:
+    key_file = tmp_path / "key"
+    key_file.write_bytes(KEY)
+    make_worker_trails(tmp_path, 3)
+    code = cli_main(["audit", "verify", str(tmp_path / "audit.jsonl"), "--key-file",
+                     str(key_file)])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    for index in (1, 2, 3):  # each checked as its own chain, with its own record count
+        assert f"audit.w{index}.jsonl: OK: {(2 + index) * 3} records" in out
+    assert "OK: all 3 trails verify" in out
+
+
+def test_one_broken_worker_trail_fails_the_set(tmp_path: Path, capsys) -> None:
+    key_file = tmp_path / "key"
+    key_file.write_bytes(KEY)
+    first, second = make_worker_trails(tmp_path, 2)
+    data = lines(second)
+    data[1] = data[1].replace(b"app:phi:", b"app:phx:")
+    second.write_bytes(b"".join(data))
+    code = cli_main(["audit", "verify", str(first), str(second), "--key-file", str(key_file)])
+    out = capsys.readouterr().out
+    assert code == 1
+    assert f"{first}: OK" in out
+    assert f"{second}: FAILED {second}:2" in out and "bad mac" in out
+    assert "FAILED: 1 of 2 trails do not verify" in out
+
+
+def test_head_option_is_for_one_trail_only(tmp_path: Path, capsys) -> None:
+    key_file = tmp_path / "key"
+    key_file.write_bytes(KEY)
+    first, second = make_worker_trails(tmp_path, 2)
+    code = cli_main(["audit", "verify", str(first), str(second), "--key-file", str(key_file),
+                     "--head", str(first) + ".head"])
+    assert code == 2
+    assert "one trail" in capsys.readouterr().err
