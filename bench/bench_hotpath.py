@@ -17,7 +17,9 @@ best of `--repeat` runs; commands/s and ns per command are printed per stage:
                        verifiable audit line per command
   session, request     the real `Session.data_received` with a null backend: everything
                        above plus the audit file write and head update (a real file in a
-                       temp dir), re-encoding and the forward write
+                       temp dir), re-encoding and the forward write. No event loop runs
+                       here, so every read gets its own write and head update; the proxy
+                       shares one write-ahead among all reads of a loop iteration
   session, round trip  request plus the backend's replies relayed to the client
                        (`Session.backend_data`, the reply framer and per-reply metrics)
 
@@ -63,13 +65,15 @@ def key(rng: random.Random) -> bytes:
     return b"key:%012d" % rng.randrange(KEYSPACE)
 
 
-def batches(kind: str, count: int, seed: int = 7) -> list[tuple[bytes, bytes]]:
-    """(request bytes, the backend's reply bytes) per pipeline of PIPELINE commands."""
+def batches(kind: str, count: int, pipeline: int = PIPELINE,
+            seed: int = 7) -> list[tuple[bytes, bytes]]:
+    """(request bytes, the backend's reply bytes) per pipeline of `pipeline` commands."""
     rng = random.Random(seed)
     out = []
-    for _ in range(count):
+    for n in range(count):
         request, reply = [], []
-        for i in range(PIPELINE):
+        for i in range(pipeline):
+            i += n  # the mix alternates across reads too when pipeline is 1
             if kind == "get" or (kind == "mixed" and i % 2):
                 request.append(encode_command([b"GET", key(rng)]))
                 reply.append(b"$64\r\n" + VALUE + b"\r\n")
@@ -249,6 +253,8 @@ def best_of(fn: Callable[[], int], repeat: int) -> tuple[float, int]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batches", type=int, default=2000, help="pipelines per workload")
+    parser.add_argument("--pipeline", type=int, default=PIPELINE,
+                        help="commands per read (16: redis-benchmark -P 16; 1: no pipelining)")
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args()
@@ -264,17 +270,18 @@ def main() -> None:
             ("session, request", bench.session_request),
             ("session, round trip", bench.session_round_trip),
         ]
-        print(f"pipelines of {PIPELINE}, {args.batches} per workload, keys random in "
+        print(f"pipelines of {args.pipeline}, {args.batches} per workload, keys random in "
               f"{KEYSPACE:,}, every key PHI; best of {args.repeat}")
         print(f"{'stage':<22}" + "".join(f"{w + ' cmds/s':>16}{'ns/cmd':>8}"
                                         for w in ("GET", "SET", "mixed")))
-        data = {kind: batches(kind, args.batches) for kind in ("get", "set", "mixed")}
+        data = {kind: batches(kind, args.batches, args.pipeline)
+                for kind in ("get", "set", "mixed")}
         for label, stage in stages:
             row = f"{label:<22}"
             results[label] = {}
             for kind in ("get", "set", "mixed"):
                 seconds, count = best_of(lambda s=stage, d=data[kind]: s(d), args.repeat)
-                expected = PIPELINE * args.batches
+                expected = args.pipeline * args.batches
                 if count != expected:
                     raise SystemExit(f"{label} {kind}: handled {count} of {expected} commands")
                 rate = count / seconds

@@ -75,6 +75,33 @@ class ServerState:
         return True, "ready"
 
     audit_failing = False  # set by a failed write-ahead, cleared by the next good one
+    _reads_due: list[Session] | None = None  # sessions with reads queued in this iteration
+
+    def defer_reads(self, session: Session) -> None:
+        """`session` queued its first read of this loop iteration: handle it (and every
+        other queued read) once the iteration's I/O callbacks are done."""
+        if self._reads_due is None:
+            self._reads_due = []
+            asyncio.get_running_loop().call_soon(self.flush_reads)
+        self._reads_due.append(session)
+
+    def flush_reads(self) -> None:
+        """Decide every queued read, write all their audit records in one write (and the
+        head once), then forward: one write-ahead per loop iteration instead of one per
+        client read. Nothing reaches Redis before its records are written."""
+        sessions, self._reads_due = self._reads_due or [], None
+        prepared = []
+        for session in sessions:
+            try:
+                prepared.append((session, session.run_queued()))
+            except Exception:  # a bug in one session must not stall the others
+                log.exception("session %s failed; closing it", session.src)
+                session.abort()
+        records = [record for _, batches in prepared for batch in batches
+                   for record in batch.records]
+        ok = self.audit.write(records) if records else True
+        for session, batches in prepared:
+            session.finish_queued(batches, ok)
 
     def next_conn_id(self) -> int:
         return next(self._conn_ids)
@@ -241,6 +268,10 @@ class _AuditStatsView:
     @property
     def failures(self) -> int:
         return self._stats.failures
+
+    @property
+    def writes(self) -> int:
+        return self._stats.batches
 
     @property
     def depth(self) -> int:

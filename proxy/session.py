@@ -9,6 +9,12 @@ The pending queue holds one entry per request still owed a reply, in request ord
     rewritten (SUBSCRIBE family, HELLO, SELECT, RESET, EXEC turned into DISCARD, KEYS/SCAN
     filtering, the proxy's own AUTH after RESET).
 Pushes (pub/sub messages, RESP3 `>` frames) answer no request and pop nothing.
+
+Reads are framed as they arrive and decided once per event loop iteration (queued, then
+`run_queued` / `finish_queued` from ServerState.flush_reads): the audit records of every
+client read of that iteration are written in one write-ahead, then the reads are forwarded
+in order. A session with more than QUEUE_FLUSH_BYTES waiting flushes at once, so a burst
+meets flow control as it arrives.
 """
 
 from __future__ import annotations
@@ -34,6 +40,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("phiproxy.session")
 
 OK, ERROR, DENIED = 0, 1, 2  # indexes into a metrics slot
+# Client bytes one session may have waiting for the end of the loop iteration (reads are
+# batched per iteration so all their audit records go out in one write).
+QUEUE_FLUSH_BYTES = 64 * 1024
 
 # Pending kinds for special entries.
 K_SUB = 1  # SUBSCRIBE family: `remaining` confirmations (or -1: computed at the head)
@@ -67,6 +76,24 @@ class Pending:
         self.arg = arg
 
 
+class Batch:
+    """One client read, decided and waiting for its audit records to be written."""
+
+    __slots__ = ("out", "raw", "records", "audited", "pending_start", "pending_end", "multi",
+                 "received_at")
+
+    def __init__(self, out: list[Any], raw: bytes | None, records: list[bytes],
+                 audited: list[tuple[int, int]], pending_start: int, pending_end: int,
+                 multi: bool, received_at: float) -> None:
+        self.out = out  # what goes to Redis: argv lists (encoded on sending) and bytes
+        self.raw = raw  # the read's bytes, when they can go instead of `out`
+        self.records = records  # audit record bodies, written before anything is sent
+        self.audited = audited  # (index in out, index in pending or -1) per audited command
+        self.pending_start, self.pending_end = pending_start, pending_end
+        self.multi = multi  # a transaction was open: a failed write takes back everything
+        self.received_at = received_at
+
+
 class Session(asyncio.Protocol):
     """The client side of one proxied connection (installed after the TLS handshake)."""
 
@@ -81,8 +108,13 @@ class Session(asyncio.Protocol):
         self._is_phi = state.is_phi_key
         self._records: list[bytes] = []
         self._audited: list[tuple[int, int]] = []  # (index in out, index in pending or -1)
-        self._batch_start = 0  # len(pending) when the current read started
-        self._batch_multi = False  # a transaction was open when it started
+        self._batch_multi = False  # a transaction was open when the current read started
+        # Loop-level batching: reads of one loop iteration are decided together after it,
+        # so every client's audit records go out in one write (ServerState.flush_reads).
+        self._defer = state.defer_reads if state.audit.in_loop else None
+        self._queued: list[tuple[Any, Any, float]] = []  # (commands, raw, received_at)
+        self._queued_bytes = 0
+        self._stop_reading = False  # QUIT or a protocol error: later reads are ignored
         self.bytes_in = self.bytes_out = 0
         self.peer_der: bytes | None = None  # the client certificate, for reload checks
         self.close_reason: str | None = None
@@ -148,13 +180,30 @@ class Session(asyncio.Protocol):
         self._received_at = time.perf_counter()
         self.bytes_in += len(data)
         framer = self._framer
+        if framer is None:  # a protocol error is queued: nothing after it is read
+            return
         try:
             commands = framer.feed(data)
         except ProtocolError as exc:
-            self._protocol_error(str(exc))
+            if self._queued:  # reported after the reads queued before it, in order
+                self._framer = None  # type: ignore[assignment]
+                self._queued.append((None, str(exc).encode(), 0.0))
+            else:
+                self._protocol_error(str(exc))
             return
         if commands:
-            self._handle(commands, data if framer.verbatim else None)
+            raw = data if framer.verbatim else None
+            if self._defer is None:
+                self._handle(commands, raw)
+                return
+            if not self._queued:
+                self._defer(self)
+            self._queued.append((commands, raw, self._received_at))
+            self._queued_bytes += len(data)
+            if self._queued_bytes > QUEUE_FLUSH_BYTES:
+                # A big burst from one client: handle it now, so that flow control (pausing
+                # this client when its replies back up) acts within the burst.
+                self.state.flush_reads()
 
     def eof_received(self) -> bool | None:
         # A client that half-closes still gets the replies it is owed.
@@ -163,6 +212,8 @@ class Session(asyncio.Protocol):
         return True
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._queued:  # what the client sent before it went still goes to Redis
+            self.state.flush_reads()
         self._closing = True
         if self._idle_handle is not None:
             self._idle_handle.cancel()
@@ -190,9 +241,45 @@ class Session(asyncio.Protocol):
 
     # ------------------------------------------------------------------ requests
     def _handle(self, commands: list[list[bytes]], raw: bytes | None = None) -> None:
-        """Decide and forward one read's commands. `raw`: the read's bytes when they are
-        exactly these commands in canonical form (RequestFramer.verbatim); if every
-        command goes to Redis unchanged, they are forwarded as they are."""
+        """Decide, audit (write-ahead) and forward one read's commands at once."""
+        batch = self._prepare(commands, raw, self._received_at)
+        ok = self._audit.write(batch.records) if batch.records else True
+        if self._finish(batch, ok):
+            self._release_refusals()
+        if self._closing:
+            self._close_when_drained()
+
+    def run_queued(self) -> list[Batch]:
+        """Loop-level batching, step 1 (ServerState.flush_reads): prepare every read queued
+        in this loop iteration, in order; their records are then written in one go."""
+        queued, self._queued = self._queued, []
+        self._queued_bytes = 0
+        batches = []
+        for commands, raw, received_at in queued:
+            if self._stop_reading:  # after QUIT or a protocol error nothing more is read
+                break
+            if commands is None:  # the framer failed on this read (raw holds the message)
+                self._protocol_error(raw.decode())  # type: ignore[union-attr]
+                break
+            batches.append(self._prepare(commands, raw, received_at))
+        return batches
+
+    def finish_queued(self, batches: list[Batch], ok: bool) -> None:
+        """Step 3: forward each prepared read (or take back its audited commands)."""
+        took_back = False
+        for batch in batches:
+            took_back |= self._finish(batch, ok)
+        if took_back:
+            self._release_refusals()
+        if self._closing:
+            self._close_when_drained()
+
+    def _prepare(self, commands: list[list[bytes]], raw: bytes | None,
+                 received_at: float) -> Batch:
+        """Decide one read's commands: what goes to Redis, the pending replies, the audit
+        records to write ahead. `raw`: the read's bytes when they are exactly these
+        commands in canonical form (RequestFramer.verbatim); if every command goes to Redis
+        unchanged, they are forwarded as they are."""
         # `out` holds what goes to Redis, in order: an argv list for a command forwarded
         # unchanged (encoded at the end, unless `raw` can go instead), bytes otherwise.
         out: list[Any] = []
@@ -201,11 +288,11 @@ class Session(asyncio.Protocol):
         role = self.role
         counts = self.counts
         is_phi = self._is_phi
-        records = self._records
-        audited = self._audited
+        records = self._records = []
+        audited = self._audited = []
         command_record = self._audit_conn.command
         monitor = self._monitor  # only a reply changes it, never a command of this read
-        self._batch_start = len(pending)
+        batch_start = len(pending)
         self._batch_multi = self._in_multi
         plain = handled = 0
         for argv in commands:
@@ -214,6 +301,7 @@ class Session(asyncio.Protocol):
             if special is not None:
                 special(self, argv, out)
                 if self._closing:  # QUIT
+                    self._stop_reading = True
                     break
                 continue
             if monitor:
@@ -239,49 +327,45 @@ class Session(asyncio.Protocol):
             elif self._reply_mode == 2:
                 self._reply_mode = 0
         self.commands += handled
-        if records and not self._write_audit(out):
-            out = [chunk for chunk in out if chunk]
+        verbatim = raw is not None and plain == len(out) == len(commands)
+        return Batch(out, raw if verbatim else None, records, audited, batch_start,
+                     len(pending), self._batch_multi or self._in_multi, received_at)
+
+    def _finish(self, batch: Batch, ok: bool) -> bool:
+        """Forward a prepared read once its records are written. If they could not be
+        (and fail_closed), its audited commands are taken back: refused in place with
+        `-ERR audit unavailable`, never sent. True if something was taken back."""
+        out = batch.out
+        took_back = False
+        if batch.records:
+            if ok:
+                if self.state.audit_failing:
+                    self.state.audit_ok()
+            elif self.state.config.audit.fail_closed and batch.audited:
+                self._take_back(batch)
+                out = [chunk for chunk in out if chunk]
+                took_back = True
         if out:
-            if raw is not None and plain == len(out) == len(commands):
-                self._send(raw)  # every command forwarded unchanged: the bytes as read
+            if batch.raw is not None and not took_back:
+                self._send(batch.raw, batch.received_at)  # the bytes as read
             else:
                 self._send(b"".join([encode_command(chunk) if type(chunk) is list else chunk
-                                     for chunk in out]))
-        if self._closing:
-            self._close_when_drained()
+                                     for chunk in out]), batch.received_at)
+        return took_back
 
-    # ------------------------------------------------------------------ audit
-    def _audit_command(self, decision: Decision, out: list[Any]) -> None:
-        """A `command` record for what is about to be forwarded (out and pending positions
-        kept, so a failed write can take exactly these commands back)."""
-        self._records.append(self._audit_conn.command(decision.command, decision.keys,
-                                                      self._audit_db))
-        self._audited.append((len(out), len(self._pending) if self._reply_mode == 0 else -1))
-
-    def _write_audit(self, out: list[Any]) -> bool:
-        """Write this read's records ahead of forwarding; on failure (fail_closed) refuse the
-        audited commands in place with `-ERR audit unavailable`. False if out changed."""
-        records, audited = self._records, self._audited
-        ok = self._audit.write(records)
-        self._records, self._audited = [], []
-        if ok:
-            if self.state.audit_failing:
-                self.state.audit_ok()
-            return True
-        if not self.state.config.audit.fail_closed or not audited:
-            return True
-        pending = self._pending
-        if self._batch_multi or self._in_multi:
+    def _take_back(self, batch: Batch) -> None:
+        out, pending = batch.out, self._pending
+        if batch.multi:
             # A transaction was open in this read: taking back only the audited commands
             # would let EXEC run the rest. Take back the whole read; a transaction left
             # open ends in EXECABORT, as in Redis after a queueing error.
             out[:] = [b""] * len(out)
-            takeback = range(self._batch_start, len(pending))
+            takeback: Any = range(batch.pending_start, batch.pending_end)
             self._multi_dirty = True
         else:
-            for out_index, _ in audited:
+            for out_index, _ in batch.audited:
                 out[out_index] = b""
-            takeback = [index for _, index in audited if index >= 0]
+            takeback = [index for _, index in batch.audited if index >= 0]
         for pending_index in takeback:
             entry = pending[pending_index]
             if type(entry) is bytes:
@@ -291,18 +375,28 @@ class Session(asyncio.Protocol):
                 self._special += 1
             pending[pending_index] = canned.AUDIT_UNAVAILABLE
         self.state.audit_failed(self)
+
+    def _release_refusals(self) -> None:
+        """Refusals now at the head of the pending queue go out at once."""
         if self.transport is not None:
             head: list[bytes] = []
-            self._release_locals(head)  # refusals now at the head go out at once
+            self._release_locals(head)
             if head:
                 self.transport.write(b"".join(head))
-        return False
 
-    def _send(self, data: bytes) -> None:
+    # ------------------------------------------------------------------ audit
+    def _audit_command(self, decision: Decision, out: list[Any]) -> None:
+        """A `command` record for what is about to be forwarded (out and pending positions
+        kept, so a failed write can take exactly these commands back)."""
+        self._records.append(self._audit_conn.command(decision.command, decision.keys,
+                                                      self._audit_db))
+        self._audited.append((len(out), len(self._pending) if self._reply_mode == 0 else -1))
+
+    def _send(self, data: bytes, received_at: float) -> None:
         backend = self.backend
         if backend is not None and not backend.closed:
             now = time.perf_counter()
-            self._observe_latency(now - self._received_at)
+            self._observe_latency(now - received_at)
             if not self._rtt_start:
                 self._rtt_start = now
             backend.write(data)
@@ -792,7 +886,7 @@ class Session(asyncio.Protocol):
         # Nothing of this read reaches the backend, not even the well-formed commands
         # before the bad one (SPEC §7; Redis would run them): a client that sends garbage
         # is not trusted with the rest. Replies owed for earlier reads still go out first.
-        self._closing = True
+        self._closing = self._stop_reading = True
         self._framer = None  # type: ignore[assignment]
         self._reply_mode = 0  # Redis sends protocol errors even with CLIENT REPLY OFF
         self._local(canned.protocol_error(message))
@@ -811,6 +905,12 @@ class Session(asyncio.Protocol):
         # Bound the wait for owed replies.
         asyncio.get_running_loop().call_later(
             self.state.drain_timeout_s, self._close_when_drained, True)
+
+    def abort(self) -> None:
+        """Drop the connection at once (nothing of it is forwarded any more)."""
+        self._closing = self._stop_reading = True
+        self._queued.clear()
+        self._abort_both()
 
     def _abort_both(self) -> None:
         if self.backend is not None:

@@ -344,8 +344,10 @@ class RequestFramer:
             pos = self._resume(buf, out)
             if pos < 0:
                 return
+        # A small read (one command, or a short pipeline) is split at once: cheaper than
+        # walking its first command by index.
         split_tried = False
-        small = False
+        small = n - pos <= _SMALL_COMMAND
         while pos < n:
             # After a small command, split the rest once and check lengths token by
             # token: pipelined small commands. Big values are walked by index, never

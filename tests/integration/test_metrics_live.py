@@ -134,3 +134,47 @@ def test_lockout_blocks_a_source_after_repeated_failures(pki: PKI, backend: Redi
         assert '"reason":"lockout: source blocked for 30 s after 3' in trail
     finally:
         proxy.stop()
+
+
+def test_audit_records_of_concurrent_clients_share_writes(pki: PKI, backend: RedisServer,
+                                                          tmp_path: Path) -> None:
+    """Reads that arrive in one event loop iteration are audited with one write-ahead
+    (phiproxy_audit_writes_total < records), and every record is still there, in a chain
+    that verifies."""
+    import threading
+
+    port, mport = free_port(), free_port()
+    config = write_proxy_config(pki, tmp_path / "p", backend.port, port, metrics_port=mport)
+    proxy = start_proxy(config, pki, port)
+    clients, per_client = 20, 200
+    errors: list[Exception] = []
+    try:
+        def work(n: int) -> None:
+            try:
+                client = proxy.client("app-writer")
+                for i in range(per_client):  # no pipelining: one command per read
+                    client.set(f"app:phi:{n}:{i}", i)
+                client.close()
+            except Exception as exc:  # noqa: BLE001 - reported by the assert below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=work, args=(n,)) for n in range(clients)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        assert not errors, errors[:3]
+        text = scrape(mport)[1]
+        written = value(text, "phiproxy_audit_records_written_total")
+        writes = value(text, "phiproxy_audit_writes_total")
+    finally:
+        assert proxy.stop() == 0
+    trail = tmp_path / "p" / "audit.jsonl"
+    commands = trail.read_text().count('"event":"command"')
+    assert commands == clients * per_client
+    assert written >= commands
+    assert writes < written * 0.9, (writes, written)  # shared writes, not one per read
+    from tests.integration.test_audit_live import verify
+
+    result = verify(proxy, trail)
+    assert result.returncode == 0, result.stdout + result.stderr
