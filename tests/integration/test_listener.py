@@ -220,3 +220,20 @@ def test_no_session_resumption(proxy: Proxy, version: ssl.TLSVersion) -> None:
     assert not reused
     if version == ssl.TLSVersion.TLSv1_3:
         assert first is None or not first.has_ticket
+
+
+def test_first_command_of_a_nagle_client_is_not_held_by_a_delayed_ack(proxy: Proxy) -> None:
+    """TLS 1.3 ends with the client's Finished and (without session tickets) the server
+    sends nothing after it; unless the proxy ACKs it at once, a client socket that uses
+    Nagle holds its first command until the kernel's delayed ACK (~40 ms on Linux)."""
+    ctx = proxy.ssl_context("app-writer")
+    firsts = []
+    for _ in range(3):
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as raw, \
+                ctx.wrap_socket(raw, server_hostname="localhost") as tls:  # Nagle on
+            assert tls.version() == "TLSv1.3"
+            start = time.perf_counter()
+            tls.sendall(b"PING\r\n")
+            assert tls.recv(64) == b"+PONG\r\n"
+            firsts.append(time.perf_counter() - start)
+    assert min(firsts) < 0.025, [f"{t * 1e3:.1f} ms" for t in firsts]
