@@ -5,6 +5,8 @@
 #   bench/peers_phiproxy.sh                          # peers.sh defaults: 3 rounds, targets a b c d e x
 #   ROUNDS=1 RUN_SECONDS=3 bench/peers_phiproxy.sh   # quicker (~3 min)
 #   TARGETS="b c" bench/peers_phiproxy.sh            # only direct TLS + haproxy + phiproxy
+#   LATENCY_PLOT=0 bench/peers_phiproxy.sh           # skip the c=1 latency plot (latency_c1.sh,
+#                                                    # LATENCY_REQUESTS=20000) written to OUT_DIR
 #   WITH_PYFORWARD=1 bench/peers_phiproxy.sh         # plus a 2nd peers.sh run: TARGETS="b c" +
 #                                                    # pyforward.py (uvloop) as x, own OUT_DIR
 # Knobs: PEERS (path of peers.sh), PHIPROXY_PORT (default: a free port), OUT_DIR (default
@@ -79,6 +81,13 @@ rc=$?
 if [[ -f $OUT_DIR/raw.csv ]]; then
   echo
   "$VENV_BIN/python" "$(dirname "$SELF")/peers_ratios.py" "$OUT_DIR/raw.csv" | tee "$OUT_DIR/ratios.txt"
+fi
+
+if [[ ${LATENCY_PLOT:-1} == 1 && $rc == 0 ]]; then
+  # The c=1 percentile curves (PNG) of direct TLS redis, haproxy and phiproxy, next to the
+  # results above (bench/latency_c1.sh: its own servers, pinned as peers.sh pins them).
+  echo "== latency at c=1: bench/latency_c1.sh, into $OUT_DIR" >&2
+  OUT_DIR=$OUT_DIR REQUESTS=${LATENCY_REQUESTS:-20000} bash "$(dirname "$SELF")/latency_c1.sh" || rc=$?
 fi
 
 if [[ ${WITH_PYFORWARD:-0} == 1 ]]; then
