@@ -99,9 +99,17 @@ class ServerState:
                 session.abort()
         records = [record for _, batches in prepared for batch in batches
                    for record in batch.records]
-        ok = self.audit.write(records) if records else True
+        try:
+            ok = self.audit.write(records) if records else True
+        except Exception:  # a bug in the writer: refuse the audited commands, as for a failure
+            log.exception("audit write raised")
+            ok = False
         for session, batches in prepared:
-            session.finish_queued(batches, ok)
+            try:
+                session.finish_queued(batches, ok)
+            except Exception:
+                log.exception("session %s failed; closing it", session.src)
+                session.abort()
 
     def next_conn_id(self) -> int:
         return next(self._conn_ids)
