@@ -45,6 +45,9 @@ import hiredis
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from bench_config import KEYSPACE, config_text  # noqa: E402
 
 from proxy.audit.chain import Chain  # noqa: E402
 from proxy.certs import write_dev_pki  # noqa: E402
@@ -55,10 +58,7 @@ from proxy.session import Session  # noqa: E402
 from proxy.startup import load_everything  # noqa: E402
 
 PIPELINE = 16
-KEYSPACE = 100_000
 VALUE = b"x" * 64
-ACL = "+@read +@write +ping +config|get ~key:* ~counter:* ~my*"
-PHI_KEYS = '["key:*", "counter:*", "my*"]'
 
 
 def key(rng: random.Random) -> bytes:
@@ -117,30 +117,11 @@ def make_config(work: Path) -> Path:
     key_file.write_bytes(os.urandom(32))
     key_file.chmod(0o600)
     config = work / "phiproxy.toml"
-    config.write_text(f"""
-[listener]
-address = "127.0.0.1"
-port = 6380
-cert = "{pki}/proxy.pem"
-key = "{pki}/proxy-key.pem"
-client_ca = "{pki}/clients-ca.pem"
-[backend]
-address = "127.0.0.1"
-port = 6379
-ca = "{pki}/backend-ca.pem"
-server_name = "localhost"
-cert = "{pki}/proxy-client.pem"
-key = "{pki}/proxy-client-key.pem"
-[audit]
-path = "{work}/audit.jsonl"
-key_file = "{key_file}"
-phi_keys = {PHI_KEYS}
-[roles.bench]
-acl = "{ACL}"
-[[identities]]
-subject_cn = "bench-client"
-role = "bench"
-""")
+    config.write_text(config_text(
+        port=6380, cert=f"{pki}/proxy.pem", key=f"{pki}/proxy-key.pem",
+        client_ca=f"{pki}/clients-ca.pem", backend_port=6379, backend_ca=f"{pki}/backend-ca.pem",
+        backend_cert=f"{pki}/proxy-client.pem", backend_key=f"{pki}/proxy-client-key.pem",
+        audit_path=f"{work}/audit.jsonl", audit_key=str(key_file), subject_cn="bench-client"))
     return config
 
 

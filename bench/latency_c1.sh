@@ -143,14 +143,7 @@ start_redis() {
 }
 
 prefill_commands() { # RESP: SET key:000000000000 .. KEYSPACE-1 to VALUE_SIZE-byte values
-  python - "$KEYSPACE" "$VALUE_SIZE" <<'EOF'
-import sys
-n, size = int(sys.argv[1]), int(sys.argv[2])
-v, out = b"x" * size, sys.stdout.buffer
-for i in range(n):
-    k = b"key:%012d" % i   # redis-benchmark's -r key format
-    out.write(b"*3\r\n$3\r\nSET\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n" % (len(k), k, len(v), v))
-EOF
+  python "$HERE/bench_config.py" prefill "$KEYSPACE" "$VALUE_SIZE"
 }
 prefill() { # so that every GET of redis-benchmark -r KEYSPACE hits
   prefill_commands | timeout 60 redis-cli -p "$P_REDIS" "${TLS_ARGS[@]}" --pipe >"$WORK/prefill.log" 2>&1 ||

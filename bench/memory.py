@@ -33,6 +33,9 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_config import config_text  # noqa: E402
+
 HOST = "127.0.0.1"
 BIN = Path(sys.executable).parent
 
@@ -178,33 +181,12 @@ def main():
         key = work / "audit.key"
         key.write_bytes(os.urandom(32))
         key.chmod(0o600)
-        (work / "phiproxy.toml").write_text(f"""\
-[listener]
-address = "{HOST}"
-port = {proxy_port}
-cert = "pki/proxy.pem"
-key = "pki/proxy-key.pem"
-client_ca = "pki/clients-ca.pem"
-max_connections = {n + 100}
-[backend]
-address = "{HOST}"
-port = {backend}
-ca = "pki/backend-ca.pem"
-server_name = "localhost"
-cert = "pki/proxy-client.pem"
-key = "pki/proxy-client-key.pem"
-[audit]
-path = "audit.jsonl"
-key_file = "audit.key"
-phi_keys = ["key:*", "counter:*", "my*"]
-[metrics]
-port = 0
-[roles.bench]
-acl = "+@read +@write +ping +config|get ~key:* ~counter:* ~my*"
-[[identities]]
-subject_cn = "bench"
-role = "bench"
-""")
+        (work / "phiproxy.toml").write_text(config_text(
+            port=proxy_port, cert="pki/proxy.pem", key="pki/proxy-key.pem",
+            client_ca="pki/clients-ca.pem", backend_port=backend,
+            backend_ca="pki/backend-ca.pem", backend_cert="pki/proxy-client.pem",
+            backend_key="pki/proxy-client-key.pem", audit_path="audit.jsonl",
+            audit_key="audit.key", subject_cn="bench", max_connections=n + 100, address=HOST))
         with open(work / "phiproxy.log", "wb") as log:  # the child keeps its own descriptor
             proxy = subprocess.Popen([BIN / "phiproxy", "run", "-c", work / "phiproxy.toml"],
                                      stdout=subprocess.DEVNULL, stderr=log)

@@ -28,35 +28,13 @@ if [[ ${1:-} == serve ]]; then   # EXTRA_CMD: write the config from BENCH_* and 
   : "${BENCH_DIR:?serve mode needs BENCH_DIR (exported by peers.sh)}" "${BENCH_PKI:?}" "${BENCH_REDIS_TLS_PORT:?}"
   (umask 077; head -c 32 /dev/urandom >"$BENCH_DIR/phiproxy-audit.key")
   chmod 600 "$BENCH_DIR/phiproxy-audit.key"
-  PATTERNS='"key:*", "counter:*", "my*"'
-  cat >"$BENCH_DIR/phiproxy.toml" <<TOML
-[listener]
-address = "127.0.0.1"
-port = $PORT
-cert = "$BENCH_PKI/server.pem"
-key = "$BENCH_PKI/server-key.pem"
-client_ca = "$BENCH_PKI/ca.pem"
-max_connections = 1000
-[backend]
-address = "127.0.0.1"
-port = $BENCH_REDIS_TLS_PORT
-ca = "$BENCH_PKI/ca.pem"
-server_name = "localhost"
-cert = "$BENCH_PKI/proxy-client.pem"
-key = "$BENCH_PKI/proxy-client-key.pem"
-pool_size = 8
-[audit]
-path = "$BENCH_DIR/phiproxy-audit.jsonl"
-key_file = "$BENCH_DIR/phiproxy-audit.key"
-phi_keys = [$PATTERNS]
-[metrics]
-port = 0
-[roles.bench]
-acl = "+@read +@write +ping +config|get ~key:* ~counter:* ~my*"
-[[identities]]
-subject_cn = "bench-client"
-role = "bench"
-TOML
+  "$VENV_BIN/python" "$ROOT/bench/bench_config.py" config --out "$BENCH_DIR/phiproxy.toml" \
+    --port "$PORT" --cert "$BENCH_PKI/server.pem" --key "$BENCH_PKI/server-key.pem" \
+    --client-ca "$BENCH_PKI/ca.pem" --backend-port "$BENCH_REDIS_TLS_PORT" \
+    --backend-ca "$BENCH_PKI/ca.pem" --backend-cert "$BENCH_PKI/proxy-client.pem" \
+    --backend-key "$BENCH_PKI/proxy-client-key.pem" \
+    --audit-path "$BENCH_DIR/phiproxy-audit.jsonl" --audit-key "$BENCH_DIR/phiproxy-audit.key" \
+    --subject-cn bench-client || exit 1
   exec "$VENV_BIN/phiproxy" run -c "$BENCH_DIR/phiproxy.toml"
 fi
 

@@ -138,49 +138,20 @@ REDIS_PID=$!
 wait_port "$BACKEND" 10 "$REDIS_PID" || fail "redis-server did not start (see $WORK/redis.log)"
 REDIS_TLS=(--tls --cacert "$PKI/backend-ca.pem" --cert "$PKI/proxy-client.pem"
   --key "$PKI/proxy-client-key.pem" -h 127.0.0.1 -p "$BACKEND")
-python - "$KEYSPACE" "$VALUE_SIZE" <<'EOF' | timeout 60 redis-cli "${REDIS_TLS[@]}" --pipe >"$WORK/prefill.log" 2>&1
-import sys
-n, size = int(sys.argv[1]), int(sys.argv[2])
-v, out = b"x" * size, sys.stdout.buffer
-for i in range(n):
-    k = b"key:%012d" % i   # redis-benchmark's -r key format
-    out.write(b"*3\r\n$3\r\nSET\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n" % (len(k), k, len(v), v))
-EOF
+python "$ROOT/bench/bench_config.py" prefill "$KEYSPACE" "$VALUE_SIZE" |
+  timeout 60 redis-cli "${REDIS_TLS[@]}" --pipe >"$WORK/prefill.log" 2>&1
 [[ $(redis-cli "${REDIS_TLS[@]}" dbsize) == "$KEYSPACE" ]] || fail "prefill failed (see $WORK/prefill.log)"
 log "redis-server (TLS only) on 127.0.0.1:$BACKEND, CPU $SERVER_CPU, $KEYSPACE keys"
 
 (umask 077; head -c 32 /dev/urandom >"$WORK/audit.key")
 chmod 600 "$WORK/audit.key"
 PROXY=$(free_port)
-write_config() { # run-dir: the peers_phiproxy.sh benchmark config, audit trail in run-dir
-  cat >"$1/phiproxy.toml" <<TOML
-[listener]
-address = "127.0.0.1"
-port = $PROXY
-cert = "$PKI/proxy.pem"
-key = "$PKI/proxy-key.pem"
-client_ca = "$PKI/clients-ca.pem"
-max_connections = 1000
-[backend]
-address = "127.0.0.1"
-port = $BACKEND
-ca = "$PKI/backend-ca.pem"
-server_name = "localhost"
-cert = "$PKI/proxy-client.pem"
-key = "$PKI/proxy-client-key.pem"
-pool_size = 8
-[audit]
-path = "$1/audit.jsonl"
-key_file = "$WORK/audit.key"
-phi_keys = ["key:*", "counter:*", "my*"]
-[metrics]
-port = 0
-[roles.bench]
-acl = "+@read +@write +ping +config|get ~key:* ~counter:* ~my*"
-[[identities]]
-subject_cn = "bench"
-role = "bench"
-TOML
+write_config() { # run-dir: the benchmark config (bench/bench_config.py), audit trail in run-dir
+  python "$ROOT/bench/bench_config.py" config --out "$1/phiproxy.toml" --port "$PROXY" \
+    --cert "$PKI/proxy.pem" --key "$PKI/proxy-key.pem" --client-ca "$PKI/clients-ca.pem" \
+    --backend-port "$BACKEND" --backend-ca "$PKI/backend-ca.pem" \
+    --backend-cert "$PKI/proxy-client.pem" --backend-key "$PKI/proxy-client-key.pem" \
+    --audit-path "$1/audit.jsonl" --audit-key "$WORK/audit.key" --subject-cn bench
 }
 # Worker i's trail: proxy/workers.py worker_config() (audit.jsonl -> audit.wI.jsonl); N=1 keeps the path.
 trail() { if (($2 == 1)); then echo "$1/audit.jsonl"; else echo "$1/audit.w$3.jsonl"; fi; }

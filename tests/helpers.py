@@ -9,7 +9,9 @@ import socket
 import ssl
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -292,3 +294,23 @@ def start_proxy(config: Path, pki: PKI, port: int) -> Proxy:
     except RuntimeError as exc:
         raise RuntimeError(f"{exc}\n--- proxy log:\n{log.read_text()}") from exc
     return Proxy(port, proc, config, pki, log)
+
+
+def run_concurrently(count: int, work: Callable[[int], None], timeout: float = 120) -> None:
+    """Run work(0) .. work(count - 1) in threads at once (real concurrent clients); raise the
+    first few errors any of them hit."""
+    errors: list[Exception] = []
+
+    def guarded(n: int) -> None:
+        try:
+            work(n)
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=guarded, args=(n,)) for n in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout)
+    assert not any(thread.is_alive() for thread in threads), "clients still running"
+    assert not errors, errors[:3]

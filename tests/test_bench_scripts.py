@@ -38,3 +38,37 @@ def test_workers_sh_header_documents_usage_knobs_and_placements() -> None:
     for needed in ("USAGE", "KNOBS", "PLACEMENTS", '"servers on CPU 0"', '"workers spread"',
                    "ROUNDS=", "REQUESTS=", "OUT_DIR=", "-t get -c 50 -P 16 -d 64 -r 100000"):
         assert needed in doc, needed
+
+
+def test_benchmark_config_is_a_valid_phiproxy_config(tmp_path: Path) -> None:
+    """The configuration every benchmark measures loads like `phiproxy run` loads it: a
+    change to the config schema must not leave the benchmarks measuring nothing."""
+    import sys
+
+    sys.path.insert(0, str(BENCH))
+    from bench_config import PHI_KEYS, config_text, prefill_commands
+
+    from proxy.certs import write_dev_pki
+    from proxy.resp.request import RequestFramer, encode_command
+    from proxy.startup import load_everything
+
+    pki = tmp_path / "pki"
+    write_dev_pki(pki, ["bench"])
+    key = tmp_path / "audit.key"
+    key.write_bytes(os.urandom(32))
+    key.chmod(0o600)
+    config_file = tmp_path / "phiproxy.toml"
+    config_file.write_text(config_text(
+        port=6380, cert="pki/proxy.pem", key="pki/proxy-key.pem", client_ca="pki/clients-ca.pem",
+        backend_port=6379, backend_ca="pki/backend-ca.pem", backend_cert="pki/proxy-client.pem",
+        backend_key="pki/proxy-client-key.pem", audit_path="audit.jsonl", audit_key="audit.key",
+        subject_cn="bench"))
+    config, decide, roles = load_everything(config_file)
+    assert tuple(config.audit.phi_keys) == PHI_KEYS
+    assert decide(roles["bench"], [b"GET", b"key:000000000042"]).allowed
+    assert decide(roles["bench"], [b"SET", b"counter:1", b"1"]).allowed
+    assert not decide(roles["bench"], [b"GET", b"other"]).allowed
+    first = next(prefill_commands(3, 64))
+    assert RequestFramer().feed(first) == [[b"SET", b"key:000000000000", b"x" * 64]]
+    assert first == encode_command([b"SET", b"key:000000000000", b"x" * 64])
+    assert len(list(prefill_commands(3, 64))) == 3

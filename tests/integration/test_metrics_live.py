@@ -13,7 +13,15 @@ from pathlib import Path
 import pytest
 import redis
 
-from tests.helpers import PKI, Proxy, RedisServer, free_port, start_proxy, write_proxy_config
+from tests.helpers import (
+    PKI,
+    Proxy,
+    RedisServer,
+    free_port,
+    run_concurrently,
+    start_proxy,
+    write_proxy_config,
+)
 
 
 def scrape(port: int, path: str = "/metrics") -> tuple[int, str]:
@@ -141,29 +149,18 @@ def test_audit_records_of_concurrent_clients_share_writes(pki: PKI, backend: Red
     """Reads that arrive in one event loop iteration are audited with one write-ahead
     (phiproxy_audit_writes_total < records), and every record is still there, in a chain
     that verifies."""
-    import threading
-
     port, mport = free_port(), free_port()
     config = write_proxy_config(pki, tmp_path / "p", backend.port, port, metrics_port=mport)
     proxy = start_proxy(config, pki, port)
     clients, per_client = 20, 200
-    errors: list[Exception] = []
     try:
         def work(n: int) -> None:
-            try:
-                client = proxy.client("app-writer")
-                for i in range(per_client):  # no pipelining: one command per read
-                    client.set(f"app:phi:{n}:{i}", i)
-                client.close()
-            except Exception as exc:  # noqa: BLE001 - reported by the assert below
-                errors.append(exc)
+            client = proxy.client("app-writer")
+            for i in range(per_client):  # no pipelining: one command per read
+                client.set(f"app:phi:{n}:{i}", i)
+            client.close()
 
-        threads = [threading.Thread(target=work, args=(n,)) for n in range(clients)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(60)
-        assert not errors, errors[:3]
+        run_concurrently(clients, work, timeout=60)
         text = scrape(mport)[1]
         written = value(text, "phiproxy_audit_records_written_total")
         writes = value(text, "phiproxy_audit_writes_total")
