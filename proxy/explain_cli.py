@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from proxy.config import ConfigError, IdentityRule, load_config
+from proxy.config import IdentityRule
 from proxy.identity import Identity, identity_from_der, map_role
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -46,15 +46,13 @@ def _describe_rule(index: int, rule: IdentityRule) -> str:
 
 def cmd_explain(args: argparse.Namespace) -> int:
     from proxy.policy.explain import explain_command, split_args
-    from proxy.policy.loader import compile_policy, disabled_refusal
+    from proxy.policy.loader import disabled_refusal
+    from proxy.startup import load_policy_or_report
 
-    try:
-        config = load_config(args.config)
-        _, roles = compile_policy(config)
-    except ConfigError as exc:
-        for problem in exc.problems:
-            print(f"error: {problem}", file=sys.stderr)
+    loaded = load_policy_or_report(args.config)
+    if loaded is None:
         return EXIT_USAGE
+    config, _, roles = loaded
     info = sys.stderr if not args.argv[1:] and not args.argv[:1] else sys.stdout
     role_name = args.role
     if role_name is None:

@@ -33,7 +33,7 @@ from typing import Any
 
 import hiredis
 
-from proxy.config import Config, ConfigError, load_config
+from proxy.config import Config
 from proxy.resp.request import encode_command
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -842,16 +842,13 @@ def _error(message: str) -> int:
 
 def cmd_scan_backend(args: argparse.Namespace) -> int:
     from proxy.backend import BackendUnavailable
-    from proxy.policy.loader import compile_policy
+    from proxy.startup import load_policy_or_report
     from proxy.tls import TLSConfigError
 
-    try:
-        config = load_config(args.config)
-        decide, roles = compile_policy(config)
-    except ConfigError as exc:
-        for problem in exc.problems:
-            _error(problem)
+    loaded = load_policy_or_report(args.config)
+    if loaded is None:
         return EXIT_USAGE
+    config, decide, roles = loaded
     cfg = config.backend
     try:
         with _quiet_backend_log():

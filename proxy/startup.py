@@ -1,7 +1,9 @@
-"""Everything `run` loads, validated together: used by run, check-config and reload."""
+"""Everything `run` loads, validated together: used by run, check-config and reload (and
+the policy part alone by explain and scan-backend)."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -36,4 +38,19 @@ def load_everything(path: Path) -> tuple[Config, Any, dict[str, Any]]:
         problems.extend(exc.problems)
     if problems:
         raise ConfigError(problems)
+    return config, decide, roles
+
+
+def load_policy_or_report(path: str | Path) -> tuple[Config, Any, dict[str, Any]] | None:
+    """Configuration and compiled roles for a command that needs no TLS material or audit
+    key (explain, scan-backend): every problem is printed to stderr and None returned."""
+    from proxy.policy.loader import compile_policy
+
+    try:
+        config = load_config(Path(path))
+        decide, roles = compile_policy(config)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"error: {problem}", file=sys.stderr)
+        return None
     return config, decide, roles
