@@ -213,7 +213,7 @@ class ServerState:
     # Session callbacks (the audit issue records these).
     def session_started(self, session: Session) -> None:
         self.sessions.add(session)
-        info = getattr(session, "tls_info", {})
+        info = session.tls_info
         self.audit.write_one(session._audit_conn.connect(
             tls_version=info.get("version"), cipher=info.get("cipher")))
 

@@ -97,6 +97,20 @@ class Batch:
 class Session(asyncio.Protocol):
     """The client side of one proxied connection (installed after the TLS handshake)."""
 
+    # Slots: a Session has more attributes than CPython 3.11 shares dict keys for, so
+    # without them each connection would carry its own ~3 KiB attribute dict.
+    __slots__ = (
+        "state", "counts", "conn_id", "_audit", "_audit_conn", "_is_phi", "_records",
+        "_audited", "_batch_multi", "_defer", "_queued", "_queued_bytes", "_stop_reading",
+        "bytes_in", "bytes_out", "peer_der", "tls_info", "close_reason", "_shutting_down",
+        "src", "identity", "role_name", "role", "_decide", "_framer", "_replies", "_pending",
+        "_special", "transport", "backend", "_backend_used", "_connecting", "_early",
+        "_proto", "_db", "_audit_db", "_subs", "_in_multi", "_multi_dirty", "_reply_mode",
+        "_monitor", "_frame_buf", "_frame_streamed", "_frame_first", "_client_paused_reasons",
+        "_backend_reading_paused", "_closing", "commands", "started", "_last_activity",
+        "_idle_handle", "_received_at", "_rtt_start", "_observe_latency", "_observe_rtt",
+    )
+
     def __init__(self, state: ServerState, src: str, identity: Identity, role_name: str,
                  role: Any, counts: CommandCounts) -> None:
         self.state = state
@@ -117,6 +131,7 @@ class Session(asyncio.Protocol):
         self._stop_reading = False  # QUIT or a protocol error: later reads are ignored
         self.bytes_in = self.bytes_out = 0
         self.peer_der: bytes | None = None  # the client certificate, for reload checks
+        self.tls_info: dict[str, str] = {}  # TLS version and cipher, for the connect record
         self.close_reason: str | None = None
         self._shutting_down = False
         self.src = src
