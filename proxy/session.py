@@ -221,7 +221,9 @@ class Session(asyncio.Protocol):
                 self.state.flush_reads()
 
     def eof_received(self) -> bool | None:
-        # A client that half-closes still gets the replies it is owed.
+        # Asks to keep the connection for the replies still owed. Over TLS (always, here)
+        # uvloop closes the transport after a close_notify whatever this returns: what was
+        # read before it still runs (queued reads are flushed), its replies may be lost.
         self._closing = True
         self._close_when_drained()
         return True
@@ -910,6 +912,8 @@ class Session(asyncio.Protocol):
     def _close_when_drained(self, force: bool = False) -> None:
         if self.transport is None or self.transport.is_closing():
             return
+        if self._queued and not force:
+            return  # reads not decided yet (finish_queued comes back here once they are)
         if force or not self._pending:
             if self._pending:
                 self._fail_pending()

@@ -253,3 +253,47 @@ def test_sigterm_drains_and_exits_zero(proxy: Proxy) -> None:
     assert proxy.stop(timeout=15) == 0
     thread.join(5)
     assert result == [None]  # the in-flight BLPOP was answered (timed out) before exit
+
+
+def test_commands_arriving_with_the_close_still_run_and_are_answered(
+        proxy: Proxy, backend: RedisServer) -> None:
+    """Commands, close_notify and FIN in one TCP segment: the proxy gets the commands and
+    the end of input in one loop iteration, before it has decided them. It must still run
+    them, as Redis runs what it read before EOF. (Over TLS the connection ends with the
+    client's close_notify, so the replies may not reach it: uvloop closes an SSL transport
+    after eof_received, whatever it returns.)"""
+    import ssl
+
+    ctx = proxy.ssl_context("app-writer")
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = ctx.wrap_bio(incoming, outgoing, server_hostname="localhost")
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as raw:
+        while True:
+            try:
+                tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                if outgoing.pending:
+                    raw.sendall(outgoing.read())
+                incoming.write(raw.recv(65536))
+        tls.write(b"*3\r\n$3\r\nSET\r\n$10\r\napp:phi:c1\r\n$1\r\n1\r\n"
+                  b"*2\r\n$4\r\nINCR\r\n$10\r\napp:phi:c1\r\n")
+        try:
+            tls.unwrap()  # queue our close_notify behind the commands
+        except ssl.SSLWantReadError:
+            pass
+        raw.sendall(outgoing.read())  # handshake end, commands, close_notify: one write
+        raw.shutdown(socket.SHUT_WR)
+        answer, ended = b"", False
+        while not ended and (data := raw.recv(65536)):
+            incoming.write(data)
+            try:
+                while chunk := tls.read(65536):
+                    answer += chunk
+                ended = True  # b"": the proxy's close_notify
+            except ssl.SSLWantReadError:
+                continue
+            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                ended = True
+    assert backend.client().get("app:phi:c1") == b"2"
+    assert answer in (b"", b"+OK\r\n:2\r\n")  # in order if it comes at all

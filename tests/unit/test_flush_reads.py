@@ -91,3 +91,83 @@ def test_a_failed_write_is_reported_to_every_session(pki: PKI, tmp_path: Path) -
     state._reads_due = list(sessions)
     state.flush_reads()
     assert [s.finished for s in sessions] == [[(1, False)], [(1, False)]]
+
+
+# --- a real Session, batched by a running loop (null transports stand in for the sockets)
+
+
+class RecordingTransport:
+    def __init__(self) -> None:
+        self.written = b""
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        self.written += data
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def close(self) -> None:
+        self.closed = True
+
+    def pause_reading(self) -> None: ...
+    def resume_reading(self) -> None: ...
+
+
+class RecordingBackend:
+    closed = False
+
+    def __init__(self) -> None:
+        self.transport = RecordingTransport()
+
+    def write(self, data: bytes) -> None:
+        self.transport.write(data)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def make_session(state: ServerState):
+    from datetime import UTC, datetime, timedelta
+
+    from proxy.identity import Identity
+    from proxy.session import Session
+
+    now = datetime.now(UTC)
+    identity = Identity(subject="CN=app-writer", cn="app-writer", ous=(), san_dns=(),
+                        san_uris=(), san_emails=(), fingerprint="ab" * 32, serial=1,
+                        not_after=now + timedelta(days=1), not_before=now)
+    session = Session(state, "127.0.0.1:5000", identity, "writer", state.roles["writer"],
+                      state.metrics.command_counter("writer"))
+    session.transport = RecordingTransport()  # type: ignore[assignment]
+    session.backend = RecordingBackend()  # type: ignore[assignment]
+    return session
+
+
+async def test_reads_wait_for_the_iteration_end_and_keep_their_order(pki: PKI,
+                                                                     tmp_path: Path) -> None:
+    """A read is decided after the loop iteration's I/O; a protocol error in a later read
+    of the same iteration is answered after the replies owed to the earlier one."""
+    import asyncio
+
+    config = load_config(write_proxy_config(pki, tmp_path, free_port(), free_port()))
+    decide, roles = compile_policy(config)
+    state = ServerState(config, decide, roles)
+    state.audit.open()  # inside the running loop: reads are batched per iteration
+    session = make_session(state)
+    get = b"*2\r\n$3\r\nGET\r\n$9\r\napp:phi:a\r\n"
+    session.data_received(get)
+    session.data_received(b"*1\r\n*1\r\n")  # malformed (nested array), same iteration
+    assert session.backend.transport.written == b""  # nothing before the audit write
+    assert session.transport.written == b""
+    await asyncio.sleep(0)  # the iteration ends: flush_reads runs
+    assert session.backend.transport.written == get  # forwarded as read (verbatim)
+    assert session.transport.written == b""  # the error waits behind GET's reply
+    assert not session.transport.closed
+    session.backend_data(b"$1\r\nx\r\n")
+    assert session.transport.written == \
+        b"$1\r\nx\r\n-ERR Protocol error: expected '$', got '*'\r\n"
+    assert session.transport.closed
+    trail = (tmp_path / "audit.jsonl").read_text()
+    assert '"event":"command"' in trail and '"keys":["app:phi:a"]' in trail
+    state.audit.close()
