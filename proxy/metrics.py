@@ -494,11 +494,9 @@ class _Collector:
                                   value=stats.written)
         yield CounterMetricFamily(PREFIX + "audit_write_failures", "Audit records that could "
                                   "not be written", value=stats.failures)
-        writes = getattr(stats, "writes", None)
-        if writes is not None:
-            yield CounterMetricFamily(
-                PREFIX + "audit_writes", "Write-ahead writes to the audit sink: records of "
-                "every client read in one event loop iteration share one", value=writes)
+        yield CounterMetricFamily(
+            PREFIX + "audit_writes", "Write-ahead writes to the audit sink: records of "
+            "every client read in one event loop iteration share one", value=stats.writes)
         yield GaugeMetricFamily(PREFIX + "audit_queue_depth", "Audit records queued or "
                                 "buffered, not yet written", value=stats.depth)
 

@@ -305,9 +305,8 @@ class Session(asyncio.Protocol):
         role = self.role
         counts = self.counts
         is_phi = self._is_phi
-        records = self._records = []
-        audited = self._audited = []
-        command_record = self._audit_conn.command
+        self._records, self._audited = [], []
+        audit_command = self._audit_command
         monitor = self._monitor  # only a reply changes it, never a command of this read
         batch_start = len(pending)
         self._batch_multi = self._in_multi
@@ -334,9 +333,7 @@ class Session(asyncio.Protocol):
                 continue
             if sensitive or (keys and (is_phi(keys[0]) if len(keys) == 1
                                        else any(map(is_phi, keys)))):
-                # Write-ahead: positions kept so a failed write takes back exactly these.
-                records.append(command_record(command, keys, self._audit_db))
-                audited.append((len(out), len(pending) if self._reply_mode == 0 else -1))
+                audit_command(command, keys, out)
             out.append(argv)
             plain += 1
             if self._reply_mode == 0:
@@ -345,7 +342,7 @@ class Session(asyncio.Protocol):
                 self._reply_mode = 0
         self.commands += handled
         verbatim = raw is not None and plain == len(out) == len(commands)
-        return Batch(out, raw if verbatim else None, records, audited, batch_start,
+        return Batch(out, raw if verbatim else None, self._records, self._audited, batch_start,
                      len(pending), self._batch_multi or self._in_multi, received_at)
 
     def _finish(self, batch: Batch, ok: bool) -> bool:
@@ -402,11 +399,10 @@ class Session(asyncio.Protocol):
                 self.transport.write(b"".join(head))
 
     # ------------------------------------------------------------------ audit
-    def _audit_command(self, decision: Decision, out: list[Any]) -> None:
+    def _audit_command(self, command: str, keys: tuple[bytes, ...], out: list[Any]) -> None:
         """A `command` record for what is about to be forwarded (out and pending positions
         kept, so a failed write can take exactly these commands back)."""
-        self._records.append(self._audit_conn.command(decision.command, decision.keys,
-                                                      self._audit_db))
+        self._records.append(self._audit_conn.command(command, keys, self._audit_db))
         self._audited.append((len(out), len(self._pending) if self._reply_mode == 0 else -1))
 
     def _send(self, data: bytes, received_at: float) -> None:
@@ -461,7 +457,8 @@ class Session(asyncio.Protocol):
                     f"phiproxy: '{decision.command}' cannot be filtered inside MULTI; "
                     "run it outside the transaction", prefix="NOPERM")))
             return
-        self._audit_command(decision, out)  # KEYS/SCAN read names without naming them
+        # KEYS/SCAN read names without naming them
+        self._audit_command(decision.command, decision.keys, out)
         self._forward_tracked(argv, out, Pending(K_FILTER, filter=decision.reply_filter))
 
     def _decide_special(self, argv: list[bytes]) -> Decision | None:
@@ -604,7 +601,8 @@ class Session(asyncio.Protocol):
         decision = self._decide_special(argv)
         if decision is None:
             return
-        self._audit_command(decision, out)  # MONITOR shows every key and value
+        # MONITOR shows every key and value
+        self._audit_command(decision.command, decision.keys, out)
         self._forward_tracked(argv, out, Pending(K_MONITOR))
 
     def _forward_raw(self, argv: list[bytes], out: list[bytes]) -> None:

@@ -76,22 +76,22 @@ def load_key(path: str | Path) -> bytes:
 class Mac:
     """HMAC-SHA256 with the key's pads computed once."""
 
-    __slots__ = ("base", "key")
+    __slots__ = ("_base", "key")
 
     def __init__(self, key: bytes):
         self.key = key
-        self.base = (_hmac_new(key, digestmod="sha256") if _hmac_new is not None
+        self._base = (_hmac_new(key, digestmod="sha256") if _hmac_new is not None
                       else hmac.new(key, digestmod="sha256"))
 
     def record(self, prev: bytes, before_mac: bytes) -> bytes:
         """The hex MAC (ASCII bytes) of a record, given its prev and its bytes before mac."""
-        h = self.base.copy()
+        h = self._base.copy()
         h.update(prev)
         h.update(before_mac)
         return h.hexdigest().encode()
 
     def head(self, seq: int, mac: bytes, first: int) -> bytes:
-        h = self.base.copy()
+        h = self._base.copy()
         h.update(_HEAD_DOMAIN + b"%d:%s:%d" % (seq, mac, first))
         return h.hexdigest().encode()
 
@@ -113,16 +113,13 @@ class Chain:
         never reached the sink never becomes `prev`.
         """
         seq, mac = self.seq, self.mac
-        base = self._mac.base
+        record = self._mac.record  # the one definition of a record's MAC (verify uses it)
         lines = []
         stamp = b'{"ts":"' + ts + b'","seq":'
         for body in bodies:
             seq += 1
             before = b'%s%d,%s,"prev":"%s"' % (stamp, seq, body, mac)
-            h = base.copy()  # Mac.record, inlined: this loop runs once per audited command
-            h.update(mac)
-            h.update(before)
-            mac = h.hexdigest().encode()
+            mac = record(mac, before)
             lines.append(b'%s,"mac":"%s"}\n' % (before, mac))
         return lines, seq, mac
 

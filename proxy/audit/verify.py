@@ -100,9 +100,10 @@ def group_trails(arguments: Sequence[str]) -> list[list[str]]:
             continue
         base, number = files.split_rotated(argument)
         if number == 0:
-            for trail in worker_trails(argument):
+            workers = worker_trails(argument)
+            for trail in workers:
                 groups.setdefault(trail, []).append(trail)
-            if not os.path.isfile(argument) and worker_trails(argument):
+            if workers and not os.path.isfile(argument):
                 continue
         groups.setdefault(base, []).append(argument)
     return list(groups.values())

@@ -347,7 +347,7 @@ def exposed_metric_names() -> set[str]:
     """Every sample name a fully wired Metrics() exposes (each optional family turned on)."""
     m = Metrics(roles=["reader"])
     m.set_backend_state(True, 2)
-    m.watch_audit(SimpleNamespace(written=1, failures=0, depth=0))
+    m.watch_audit(SimpleNamespace(written=1, failures=0, depth=0, writes=1))
     m.watch_lockout(lambda: 0)
     m.set_cert_expiry("server", time.time() + 86400)
     m.denied("reader", "rule", "acl")

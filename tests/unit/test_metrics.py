@@ -278,11 +278,12 @@ def test_backend_state(metrics: Metrics) -> None:
 
 
 def test_audit_stats_read_at_scrape_time(metrics: Metrics) -> None:
-    stats = SimpleNamespace(written=0, failures=0, depth=0)
+    stats = SimpleNamespace(written=0, failures=0, depth=0, writes=0)
     metrics.watch_audit(stats)
-    stats.written, stats.failures, stats.depth = 1234, 2, 17
+    stats.written, stats.failures, stats.depth, stats.writes = 1234, 2, 17, 40
     s = scrape(metrics)
     assert value(s, "phiproxy_audit_records_written_total") == 1234
+    assert value(s, "phiproxy_audit_writes_total") == 40
     assert value(s, "phiproxy_audit_write_failures_total") == 2
     assert value(s, "phiproxy_audit_queue_depth") == 17
 
