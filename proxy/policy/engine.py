@@ -36,17 +36,12 @@ from proxy.commands.table import (
     default_table,
 )
 from proxy.config import ConfigError, RoleConfig
+from proxy.policy import errors
 from proxy.policy import extras as ex
 from proxy.policy.acl import AclError, RoleRules, Selector, parse_role
 from proxy.policy.decision import Decision
 from proxy.policy.filters import ReplyFilter, names_filter, scan_filter
 from proxy.policy.glob import Matcher, compile_patterns
-
-# Redis 7.0 refusal texts (server.c / acl.c), byte for byte.
-NOPERM_COMMAND = "NOPERM this user has no permissions to run the '{}' command"
-NOPERM_KEY = "NOPERM this user has no permissions to access one of the keys used as arguments"
-NOPERM_CHANNEL = ("NOPERM this user has no permissions to access one of the channels "
-                  "used as arguments")
 
 # ACL_DENIED_* (server.h): a refusal reports the highest kind any selector hit.
 DENIED_COMMAND, DENIED_KEY, DENIED_CHANNEL = 1, 2, 4
@@ -63,10 +58,6 @@ def _printable(raw: bytes, limit: int = 128) -> str:
     """A client-supplied name made safe for an error line and a log."""
     text = raw[:limit].decode("utf-8", "replace")
     return "".join(ch if ch.isprintable() else "?" for ch in text)
-
-
-def _error(text: str) -> bytes:
-    return b"-" + text.encode("utf-8", "replace") + b"\r\n"
 
 
 # --------------------------------------------------------------------------- compiled roles
@@ -339,7 +330,7 @@ def _unknown(argv: Sequence[bytes], table: CommandTable) -> Evaluation:
         what = f"'{label}' is not a command the command table knows"
     return Evaluation(
         Decision(False, label, reason=f"{ex.UNKNOWN_COMMAND}: {what}", extra=ex.UNKNOWN_COMMAND,
-                 error=_error(NOPERM_COMMAND.format(label))),
+                 error=errors.noperm_command(label)),
         None, detail=f"refused: {what} (default deny)")
 
 
@@ -396,7 +387,7 @@ def evaluate(role: CompiledRole, argv: Sequence[bytes], explain: bool = False) -
     if refusal is not None:
         extra_name, sentence, sel, token = refusal
         decision = Decision(False, name, reason=f"{extra_name}: {sentence}", rule=token,
-                            extra=extra_name, error=_error(NOPERM_COMMAND.format(name)),
+                            extra=extra_name, error=errors.noperm_command(name),
                             keys=key_bytes, keyless_sensitive=sensitive)
         return Evaluation(decision, True, detail=f"refused by the {extra_name} extra: {sentence}",
                           selector=sel.index)
@@ -404,21 +395,23 @@ def evaluate(role: CompiledRole, argv: Sequence[bytes], explain: bool = False) -
     kind = _KIND_NAMES[best_kind]
     detail = ""
     if best_kind == DENIED_COMMAND:
-        text = NOPERM_COMMAND.format(name)
+        text = errors.command_text(name)
+        error = errors.wire(text)
         token = role.selectors[0].rules.decided_by.get(name)
         arg = None
         if explain:
             detail = (f"refused: '{name}' is not granted" +
                       (f" (last changed by {token!r})" if token else " by any rule"))
     else:
-        text = NOPERM_KEY if best_kind == DENIED_KEY else NOPERM_CHANNEL
+        text, error = ((errors.KEY_TEXT, errors.NOPERM_KEY) if best_kind == DENIED_KEY
+                       else (errors.CHANNEL_TEXT, errors.NOPERM_CHANNEL))
         token = None
         arg = argv[best_idx]
         if explain:
             perm = next((acl_permission(f) for p, f in keys.keys if p == best_idx), 0)
             detail = (f"refused: {kind} {_printable(arg)!r} matches no {kind} pattern" +
                       (f" allowing {_PERM_NAMES[perm]}" if best_kind == DENIED_KEY else ""))
-    decision = Decision(False, name, reason=text, rule=token, error=_error(text),
+    decision = Decision(False, name, reason=text, rule=token, error=error,
                         keys=key_bytes, keyless_sensitive=sensitive)
     return Evaluation(decision, False, denied_kind=kind, denied_arg=arg, detail=detail)
 

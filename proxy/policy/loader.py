@@ -10,8 +10,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from proxy.config import Config, ConfigError
+from proxy.policy import errors
 from proxy.policy.decision import Decision
-from proxy.resp import canned
 
 Decide = Callable[[Any, Sequence[bytes]], Decision]
 
@@ -29,8 +29,7 @@ def disabled_refusal(disabled: frozenset[str], argv: Sequence[bytes]) -> Decisio
         allowed=False, command=hit, extra="disabled_command", rule="[policy] disabled_commands",
         reason=f"disabled_command: '{hit}' is disabled for every role by [policy] "
                "disabled_commands",
-        error=canned.error(f"this user has no permissions to run the '{hit}' command",
-                           prefix="NOPERM"))
+        error=errors.noperm_command(hit))
 
 
 def compile_policy(config: Config) -> tuple[Decide, dict[str, Any]]:

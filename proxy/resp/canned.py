@@ -21,7 +21,17 @@ def error(msg: str, prefix: str = "ERR") -> bytes:
 
     CR and LF in msg become spaces; text is UTF-8 (Redis errors are ASCII).
     """
-    return f"-{prefix} {msg.translate(_LINE_SAFE)}\r\n".encode()
+    return error_line(f"{prefix} {msg}")
+
+
+def error_line(text: str) -> bytes:
+    """`-text\\r\\n` for a text that starts with its own code (`NOPERM this user ...`).
+
+    For texts kept whole because they also serve as a Decision's reason. CR and LF
+    become spaces; a character UTF-8 cannot encode becomes `?` (an error reply must
+    never raise).
+    """
+    return b"-" + text.translate(_LINE_SAFE).encode("utf-8", "replace") + b"\r\n"
 
 
 def protocol_error(msg: str) -> bytes:

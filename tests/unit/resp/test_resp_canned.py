@@ -26,8 +26,10 @@ def test_error_messages_cannot_inject_a_second_reply() -> None:
         canned.error("bad\r\n+OK\r\nkey"),
         canned.error("a\nb\rc"),
         canned.protocol_error("x\r\n:1"),
+        canned.error_line("NOPERM x\r\n+OK"),
     ):
         assert reply.count(b"\r") == 1 and reply.count(b"\n") == 1
         assert reply.endswith(b"\r\n")
         assert ReplyFramer().feed(reply) == [(len(reply), REPLY, None)]
     assert canned.error("bad\r\n+OK") == b"-ERR bad  +OK\r\n"
+    assert canned.error_line("NOPERM \udcff") == b"-NOPERM ?\r\n"  # never raises
