@@ -26,6 +26,7 @@ from proxy.startup import load_everything
 from proxy.tls import backend_context, listener_context
 
 if TYPE_CHECKING:
+    from proxy.commands.table import CommandTable
     from proxy.server import ServerState
     from proxy.session import Session
 
@@ -97,7 +98,7 @@ def reload(state: ServerState) -> bool:
     """Reload from the configuration file; True when the new configuration is in force."""
     old = state.config
     try:
-        new, decide, roles = load_everything(old.path)
+        new, decide, roles = load_everything(old.path, running_table(state))
     except ConfigError as exc:
         for problem in exc.problems:
             log.error("reload refused, still serving the previous configuration: %s", problem)
@@ -156,6 +157,17 @@ def reload(state: ServerState) -> bool:
     state.audit.write_one(state.audit.records.reload(ok=True, reason=summary[:4000]))
     state.metrics.reloaded(ok=True, sessions_closed=closed)
     return True
+
+
+def running_table(state: ServerState) -> CommandTable | None:
+    """The command table the live roles were compiled against (None: no roles yet).
+
+    With learn_commands it is a copy of the shipped table extended with the backend's
+    commands; the shipped `default_table()` never gets them, so a reload that compiled
+    against it would turn every learned command back into an unknown (refused) one.
+    """
+    role = next(iter(state.roles.values()), None)
+    return None if role is None else role.table
 
 
 def _replace_pool(state: ServerState, new: Config) -> None:

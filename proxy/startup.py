@@ -5,15 +5,20 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from proxy.config import Config, ConfigError, load_config
 
+if TYPE_CHECKING:
+    from proxy.commands.table import CommandTable
 
-def load_everything(path: Path) -> tuple[Config, Any, dict[str, Any]]:
+
+def load_everything(path: Path,
+                    table: CommandTable | None = None) -> tuple[Config, Any, dict[str, Any]]:
     """Configuration, TLS material and compiled roles, exactly as `run` loads them.
 
-    Raises ConfigError with every problem found.
+    `table`: the command table for the roles (default: the shipped one; see
+    compile_policy). Raises ConfigError with every problem found.
     """
     from proxy.audit.chain import AuditError
     from proxy.audit.writer import AuditWriter
@@ -33,7 +38,7 @@ def load_everything(path: Path) -> tuple[Config, Any, dict[str, Any]]:
         problems.append(f"{config.path}: {exc}")
     decide, roles = None, {}
     try:
-        decide, roles = compile_policy(config)
+        decide, roles = compile_policy(config, table)
     except ConfigError as exc:
         problems.extend(exc.problems)
     if problems:

@@ -7,11 +7,14 @@ refused to every role, `+@all` included, with their own reason (`disabled_comman
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from proxy.config import Config, ConfigError
 from proxy.policy import errors
 from proxy.policy.decision import Decision
+
+if TYPE_CHECKING:
+    from proxy.commands.table import CommandTable
 
 Decide = Callable[[Any, Sequence[bytes]], Decision]
 
@@ -32,13 +35,19 @@ def disabled_refusal(disabled: frozenset[str], argv: Sequence[bytes]) -> Decisio
         error=errors.noperm_command(hit))
 
 
-def compile_policy(config: Config) -> tuple[Decide, dict[str, Any]]:
-    """Compile every role once; ConfigError names the file, the role and the bad token."""
+def compile_policy(config: Config,
+                   table: CommandTable | None = None) -> tuple[Decide, dict[str, Any]]:
+    """Compile every role once; ConfigError names the file, the role and the bad token.
+
+    `table`: the command table to compile against (default: the shipped one); a reload
+    passes the table the running roles use, which holds any commands learned since start.
+    """
     from proxy.commands.table import default_table
     from proxy.policy.engine import compile_roles, decide
 
     problems: list[str] = []
-    table = default_table()
+    if table is None:  # not `or`: a CommandTable with no commands is falsy
+        table = default_table()
     disabled = frozenset(config.policy.disabled_commands)
     for name in sorted(disabled):
         if table.get(name) is None:

@@ -124,6 +124,20 @@ def test_extend_adds_unknown_commands_only(table: CommandTable) -> None:
     assert extend_from_command_reply(table, RESP3_REPLY) == []
 
 
+def test_learning_extends_a_copy_and_never_the_shared_default() -> None:
+    shared = default_table()
+    size, config_subs = len(shared), set(shared.get("config").subcommands)
+    learned = shared.copy()
+    assert extend_from_command_reply(learned, RESP3_REPLY) == ["mymod.get", "config|frobnicate"]
+    assert learned.get("mymod.get") is not None and learned.get("config|frobnicate") is not None
+    # default_table() is cached: a change would reach every later caller (reload, metrics)
+    assert default_table() is shared and len(shared) == size
+    assert shared.get("mymod.get") is None and shared.lookup([b"MYMOD.GET", b"k"]) is None
+    assert shared.get("config|frobnicate") is None
+    assert set(shared.get("config").subcommands) == config_subs
+    assert len(learned) == size + 2 and learned.get("get") is shared.get("get")
+
+
 def test_extend_reads_resp2_flat_maps(table: CommandTable) -> None:
     reply = copy.deepcopy(RESP3_REPLY[:1])
     reply[0][0] = b"mymod.get2"
