@@ -6,8 +6,9 @@ into metric families when /metrics is scraped (from the HTTP thread; reading int
 the GIL needs no lock, and a scrape that races an increment is off by one at most).
 
 No label is ever taken from client bytes: command names only from the command table
-(anything else counts as "unknown"), roles and identities from the configuration,
-reasons from the code. Key names never appear, so the endpoint carries no PHI.
+and from the backend's COMMAND reply (`add_commands`; anything else counts as
+"unknown"), roles and identities from the configuration, reasons from the code. Key
+names never appear, so the endpoint carries no PHI.
 """
 
 from __future__ import annotations
@@ -219,7 +220,12 @@ class Metrics:
         return counts
 
     def add_commands(self, names: Iterable[str]) -> None:
-        """Commands learned from the backend (learn_commands) become countable by name."""
+        """Commands learned from the backend (learn_commands) become countable by name.
+
+        Pass the full names `extend_from_command_reply` returned (`mymod.get`,
+        `config|newsub`). Counters already handed to sessions see them too: each holds
+        the known set by reference, so it is swapped in every one of them.
+        """
         self._known_commands = self._known_commands | frozenset(names)
         for counts in self._counts.values():
             counts._known = self._known_commands

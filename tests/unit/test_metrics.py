@@ -16,6 +16,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.certs import issue_cert, new_ca
+from proxy.commands.table import default_table, extend_from_command_reply
 from proxy.config import IdentityRule
 from proxy.metrics import (
     CLIENT_CERT_PERIOD_S,
@@ -145,6 +146,30 @@ def test_learned_commands_become_countable(clock: Clock) -> None:
     m.add_commands(["newcmd"])
     counts["newcmd"][OK] += 1
     assert counts["newcmd"] is not counts.unknown and counts["newcmd"][OK] == 1
+
+
+def test_commands_learned_from_a_backend_count_by_name(metrics: Metrics) -> None:
+    # What learn_backend_commands does, then add_commands with the names it learned.
+    table = default_table().copy()
+    added = extend_from_command_reply(table, [
+        [b"mymod.get", 2, [b"readonly", b"module"], 1, 1, 1, [b"@read"], [], [], []],
+        [b"config", -2, [], 0, 0, 0, [b"@slow"], [], [], [
+            [b"config|frobnicate", 2, [b"admin"], 0, 0, 0, [b"@admin"], [], [], []]]],
+    ])
+    m = metrics
+    before = m.command_counter("reader", "cn=early")  # a session's, taken before learning
+    assert before["mymod.get"] is before.unknown
+    m.add_commands(added)
+    after = m.command_counter("reader", "cn=late")
+    for counts in (before, after):
+        for name in ("mymod.get", "config|frobnicate"):
+            counts[name][OK] += 1
+            assert counts[name] is not counts.unknown, name
+    s = scrape(m)
+    assert value(s, "phiproxy_commands_total", command="config|frobnicate", role="reader",
+                 identity="cn=early", result="ok") == 1
+    assert value(s, "phiproxy_commands_total", command="mymod.get", role="reader",
+                 identity="cn=late", result="ok") == 1
 
 
 def test_hot_path_never_calls_prometheus_client(metrics: Metrics,
