@@ -17,7 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.certs import issue_cert, new_ca
 from proxy.commands.table import default_table, extend_from_command_reply
-from proxy.config import IdentityRule
+from proxy.config import IdentityRule, RoleConfig
 from proxy.metrics import (
     CLIENT_CERT_PERIOD_S,
     DENIED,
@@ -30,6 +30,7 @@ from proxy.metrics import (
     Metrics,
     identity_label,
 )
+from proxy.policy.engine import compile_roles, decide
 from tests.helpers import free_port
 
 NOW = 1_800_000_000.0
@@ -170,6 +171,34 @@ def test_commands_learned_from_a_backend_count_by_name(metrics: Metrics) -> None
                  identity="cn=early", result="ok") == 1
     assert value(s, "phiproxy_commands_total", command="mymod.get", role="reader",
                  identity="cn=late", result="ok") == 1
+
+
+def test_decided_subcommand_names_are_known_labels(metrics: Metrics) -> None:
+    # Sessions count under Decision.command: `client|setname`, not the container `client`.
+    role = compile_roles({"r": RoleConfig("r", "+client|setname", None)})["r"]
+    counts = metrics.command_counter("reader")
+    allowed = decide(role, [b"CLIENT", b"SETNAME", b"x"])
+    refused = decide(role, [b"client", b"KILL", b"ID", b"1"])
+    assert (allowed.allowed, allowed.command) == (True, "client|setname")
+    assert (refused.allowed, refused.command) == (False, "client|kill")
+    counts[allowed.command][OK] += 1
+    counts[refused.command][DENIED] += 1
+    assert counts["client|setname"] is not counts.unknown
+    assert counts["client|kill"] is not counts.unknown
+    # An unknown subcommand of a known container is client bytes: never a label.
+    unknown = decide(role, [b"CLIENT", b"app:phi:patient:1"])
+    assert unknown.command == "client|app:phi:patient:1"
+    counts[unknown.command][DENIED] += 1
+    assert counts[unknown.command] is counts.unknown
+    s = scrape(metrics)
+    labels = {"role": "reader", "identity": ""}
+    assert value(s, "phiproxy_commands_total", command="client|setname", result="ok",
+                 **labels) == 1
+    assert value(s, "phiproxy_commands_total", command="client|kill", result="denied",
+                 **labels) == 1
+    assert value(s, "phiproxy_commands_total", command="client", result="ok", **labels) is None
+    assert value(s, "phiproxy_commands_total", command="unknown", result="denied",
+                 **labels) == 1
 
 
 def test_hot_path_never_calls_prometheus_client(metrics: Metrics,
