@@ -5,15 +5,22 @@ line_before_mac is the exact line up to (not including) its `,"mac":"..."}` suff
 first record of a chain has prev = 64 zeros. Verification works on the bytes as written:
 nothing is re-serialised, so no JSON library can change what is checked.
 
-Head file (`<trail>.head`): 256 bytes, rewritten in place with one pwrite after every
-batch: the seq and mac of the last record written, the first seq of the oldest file still
-kept, and an HMAC of those (its own domain, so a record MAC can never pass as a head MAC).
+Head file (`<trail>.head` for a file trail; `[audit] head_file`, if set, for stdout or
+syslog): 256 bytes holding the seq and mac of the last record written, the first seq of
+the oldest file still kept, and an HMAC of those (its own domain, so a record MAC can
+never pass as a head MAC). The writer (writer.py) rewrites it in place with one pwrite:
+at open, once per event loop iteration that wrote records (every client read of the
+iteration shares it), at close, and after every batch when there is no loop (tools).
+So the head can lag the trail by one iteration's records; a crash in that window leaves
+a file trail ahead of its head, which restart accepts and verify notes (only a head
+ahead of the trail is an error). Standard output and syslog cannot be read back, so
+there a restart continues the chain from the head itself.
 
 Why a head file: a chain proves that no record was changed, inserted or removed between
 two records, but not that records were cut off the end. The head names the end; without
-the key nobody can forge a head that agrees with a shortened trail. Cost per batch: one
-HMAC and one pwrite of 256 bytes into the page cache (the same page every time, no
-growth, no fsync), about 2 µs. `first` catches the removal of the oldest rotated files.
+the key nobody can forge a head that agrees with a shortened trail. Cost per rewrite:
+one HMAC and one pwrite of 256 bytes into the page cache (the same page every time, no
+growth, no fsync), a few µs. `first` catches the removal of the oldest rotated files.
 Limits (documented): someone with write access can put back an *older* head they copied
 earlier together with a trail cut at that point; ship the trail to a collector (syslog)
 to defend against that.
@@ -97,7 +104,8 @@ class Mac:
 
 
 class Chain:
-    """The chain head (last seq and mac). `seal` computes lines without committing them."""
+    """The chain's end in memory (last seq and mac; the head file is written from it).
+    `seal` computes lines without committing them."""
 
     __slots__ = ("mac", "seq", "_mac")
 
