@@ -67,8 +67,10 @@ class BackendConfig:
     password_file: Path | None = None
     password: bytes | None = field(default=None, repr=False)  # read from password_file at load
     connect_timeout_s: float = 2.0
-    pool_size: int = 4  # pre-warmed idle backend connections
+    pool_size: int = 4  # pre-warmed idle dedicated backend connections
     learn_commands: bool = False
+    mode: str = "standalone"
+    shared_connections: int = 2  # pipelined connections shared by stateless clients
 
 
 @dataclass(frozen=True)
@@ -114,6 +116,9 @@ class LimitsConfig:
     max_query_buffer_bytes: int = 1024 * MiB  # Redis client-query-buffer-limit
     max_args: int = 2**31 - 1  # Redis: multibulk length up to INT_MAX
     max_inline_bytes: int = 64 * 1024  # Redis PROTO_INLINE_MAX_SIZE
+    # Replies buffered for a client that does not read them (a shared backend connection
+    # cannot be paused for one client): past this the client is disconnected.
+    max_reply_buffer_bytes: int = 256 * MiB
 
 
 @dataclass(frozen=True)
@@ -579,7 +584,16 @@ def _backend(p: _Problems, data: dict[str, Any]) -> BackendConfig | None:
         connect_timeout_s=t.seconds("connect_timeout_s", d.connect_timeout_s, zero_ok=False),
         pool_size=t.integer("pool_size", d.pool_size, 0, 1000),
         learn_commands=t.boolean("learn_commands", d.learn_commands),
+        mode=_backend_mode(t),
+        shared_connections=t.integer("shared_connections", d.shared_connections, 1, 64),
     )
+
+
+def _backend_mode(t: _Table) -> str:
+    mode = t.string("mode", BackendConfig.mode, example='"standalone"', empty_ok=False)
+    if mode not in ("standalone", None):
+        t.fault("mode", f'"{mode}" is not available in this version; use mode = "standalone"')
+    return mode or BackendConfig.mode
 
 
 def _is_ip(text: str) -> bool:
@@ -683,7 +697,11 @@ def _limits(p: _Problems, data: dict[str, Any]) -> LimitsConfig:
     if t is None:
         return LimitsConfig()
     # above the defaults Redis itself would refuse, so only tightening makes sense
-    values = {f.name: t.integer(f.name, f.default, 1, f.default) for f in fields(LimitsConfig)}
+    values = {f.name: t.integer(f.name, f.default, 1, f.default) for f in fields(LimitsConfig)
+              if f.name != "max_reply_buffer_bytes"}
+    # the proxy's own buffer, not Redis's: it may be raised (to 4 GiB)
+    values["max_reply_buffer_bytes"] = t.integer(
+        "max_reply_buffer_bytes", LimitsConfig.max_reply_buffer_bytes, 64 * 1024, 4096 * MiB)
     return LimitsConfig(**values)
 
 

@@ -10,7 +10,6 @@ by a trusted CA, no longer mapped to a role, or over its role's max_cert_validit
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import logging
 from datetime import UTC, datetime, timedelta
@@ -129,7 +128,7 @@ def reload(state: ServerState) -> bool:
         changes.append(f"{label} reloaded from {after}" if before == after
                        else f"{label} replaced: {before} -> {after}")
     if new.backend != old.backend:
-        _replace_pool(state, new)
+        _reconfigure_backend(state, new)
         changes.append("backend settings changed: new connections use them")
 
     state.config = new
@@ -137,6 +136,7 @@ def reload(state: ServerState) -> bool:
     state.roles = roles
     state.listener_ssl = listener_ssl
     state.networks = new.listener.allow_networks
+    state.apply_to_sessions(new)
     state.metrics.set_server_cert(new.listener.cert)
     state.metrics.set_client_ca(new.listener.client_ca)
 
@@ -170,13 +170,10 @@ def running_table(state: ServerState) -> CommandTable | None:
     return None if role is None else role.table
 
 
-def _replace_pool(state: ServerState, new: Config) -> None:
-    from proxy.backend import BackendPool
-
-    old_pool = state.pool
-    state.pool = BackendPool(new.backend, backend_context(new.backend))
-    state.pool.start()
-    asyncio.get_running_loop().create_task(old_pool.close())  # idle ones only
+def _reconfigure_backend(state: ServerState, new: Config) -> None:
+    """New backend settings: every new connection uses them; shared ones are replaced
+    once they have answered what is in flight."""
+    state.router.reconfigure(new.backend, backend_context(new.backend))
 
 
 def _reevaluate(state: ServerState, session: Session, revoked: set[int],
@@ -194,7 +191,10 @@ def _reevaluate(state: ServerState, session: Session, revoked: set[int],
     problem = state.certificate_problem(identity, role_name)
     if problem is not None:
         return problem
+    audit_conn = session.audit_conn if role_name == session.role_name else \
+        state.audit.records.connection(session.conn_id, session.src, identity, role_name)
     session.set_role(role_name, state.roles[role_name], state.decide,
                      state.metrics.command_counter(
-                         role_name, identity_label(state.config.identities[rule_index])))
+                         role_name, identity_label(state.config.identities[rule_index])),
+                     audit_conn)
     return None

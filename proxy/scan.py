@@ -27,7 +27,7 @@ import stat
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -822,13 +822,12 @@ def _quiet_backend_log() -> Iterator[None]:
 
 async def scan_backend(config: Config) -> Evidence:
     """Connect as the proxy does and gather the evidence; BackendUnavailable if it cannot."""
-    from proxy.backend import BackendPool
+    from proxy.backend import auth_command, open_connection
     from proxy.tls import backend_context
 
     cfg = config.backend
     ev = Evidence(cfg.address, cfg.port, cfg.username or "default")
-    pool = BackendPool(replace(cfg, pool_size=0), backend_context(cfg))
-    conn = await pool.open()
+    conn = await open_connection(cfg, backend_context(cfg), auth_command(cfg))
     try:
         return await gather(conn, ev, max(cfg.connect_timeout_s, 5.0))
     finally:

@@ -19,16 +19,17 @@ from typing import Any
 
 from proxy import __version__
 from proxy.audit.writer import AuditWriter
-from proxy.backend import BackendPool, BackendUnavailable
+from proxy.backend import BackendUnavailable, make_router
 from proxy.config import Config
 from proxy.events import Events
+from proxy.gate import AuditGate
 from proxy.identity import Identity, identity_from_der, map_role
 from proxy.lockout import FAILURE_REASONS, Lockout
 from proxy.metrics import Metrics, identity_label
 from proxy.policy.decision import Decision
 from proxy.policy.glob import compile_patterns
 from proxy.reload import expiry_warnings, reload
-from proxy.session import Session
+from proxy.session import Session, SessionContext
 from proxy.tls import backend_context, listener_context
 
 log = logging.getLogger("phiproxy.server")
@@ -37,7 +38,8 @@ Decide = Callable[[Any, list[bytes]], Decision]
 
 
 class ServerState:
-    """Everything sessions share: configuration, policy, backend pool, event sink."""
+    """Everything the listener and sessions share: configuration, policy, the backend
+    router, the audit gate, events. Sessions see only `session_context` and the hooks."""
 
     def __init__(self, config: Config, decide: Decide, roles: dict[str, Any],
                  events: Events | None = None, *, reuse_port: bool = False) -> None:
@@ -52,13 +54,21 @@ class ServerState:
         self.metrics.watch_audit(_AuditStatsView(self.audit.stats))
         self._conn_ids = itertools.count(1)
         self.listener_ssl = listener_context(config.listener)
-        self.pool = BackendPool(config.backend, backend_context(config.backend))
+        self.router = make_router(config.backend, backend_context(config.backend))
+        self.gate = AuditGate(self.audit.write, config.audit.fail_closed,
+                              after_release=self.router.flush, on_failing=self._audit_failing)
+        self.session_context = SessionContext(
+            limits=config.limits, idle_timeout_s=config.listener.idle_timeout_s,
+            drain_timeout_s=config.listener.drain_timeout_s, is_phi=self.is_phi_key,
+            gate=self.gate, router=self.router, hooks=self,
+            observe_latency=self.metrics.proxy_latency.observe,
+            observe_rtt=self.metrics.backend_rtt.observe, deferred=False)
         lock = config.lockout
         self.lockout = Lockout(lock.failures, lock.window_s, lock.block_s) if lock.enabled \
             else None
         self.metrics.set_server_cert(config.listener.cert)
         self.metrics.set_client_ca(config.listener.client_ca)
-        self.metrics.watch_backend(lambda: (self.pool.healthy, self.pool.idle_count))
+        self.metrics.watch_backend(lambda: (self.router.healthy, self.router.idle_count))
         if self.lockout is not None:
             self.metrics.watch_lockout(self.lockout.blocked_count)
         self.networks = config.listener.allow_networks
@@ -68,63 +78,38 @@ class ServerState:
 
     def readiness(self) -> tuple[bool, str]:
         """For /readyz (called from the metrics thread): backend reachable, audit writable."""
-        if not self.pool.healthy:
-            return False, f"backend unavailable: {self.pool.last_error or 'not connected yet'}"
-        if self.audit_failing:
+        if not self.router.healthy:
+            return False, f"backend unavailable: {self.router.last_error or 'not connected yet'}"
+        if self.gate.failing:
             return False, "audit unavailable: the last audit write failed"
         return True, "ready"
 
-    audit_failing = False  # set by a failed write-ahead, cleared by the next good one
-    _reads_due: list[Session] | None = None  # sessions with reads queued in this iteration
+    def apply_to_sessions(self, config: Config) -> None:
+        """Reload: the settings sessions read live."""
+        ctx = self.session_context
+        ctx.limits = config.limits
+        ctx.max_reply_buffer_bytes = config.limits.max_reply_buffer_bytes
+        ctx.idle_timeout_s = config.listener.idle_timeout_s
+        ctx.drain_timeout_s = self.drain_timeout_s = config.listener.drain_timeout_s
+        self.gate.fail_closed = config.audit.fail_closed
 
-    def defer_reads(self, session: Session) -> None:
-        """`session` queued its first read of this loop iteration: handle it (and every
-        other queued read) once the iteration's I/O callbacks are done."""
-        if self._reads_due is None:
-            self._reads_due = []
-            asyncio.get_running_loop().call_soon(self.flush_reads)
-        self._reads_due.append(session)
+    @property
+    def audit_failing(self) -> bool:
+        return self.gate.failing
 
     def flush_reads(self) -> None:
-        """Decide every queued read, write all their audit records in one write (and the
-        head once), then forward: one write-ahead per loop iteration instead of one per
-        client read. Nothing reaches Redis before its records are written."""
-        sessions, self._reads_due = self._reads_due or [], None
-        prepared = []
-        for session in sessions:
-            try:
-                prepared.append((session, session.run_queued()))
-            except Exception:  # a bug in one session must not stall the others
-                log.exception("session %s failed; closing it", session.src)
-                session.abort()
-        records = [record for _, batches in prepared for batch in batches
-                   for record in batch.records]
-        try:
-            ok = self.audit.write(records) if records else True
-        except Exception:  # a bug in the writer: refuse the audited commands, as for a failure
-            log.exception("audit write raised")
-            ok = False
-        for session, batches in prepared:
-            try:
-                session.finish_queued(batches, ok)
-            except Exception:
-                log.exception("session %s failed; closing it", session.src)
-                session.abort()
+        self.gate.flush()
 
     def next_conn_id(self) -> int:
         return next(self._conn_ids)
 
-    def audit_failed(self, session: Session) -> None:
-        """A write-ahead audit write failed; commands were refused (fail_closed)."""
-        if not self.audit_failing:
+    def _audit_failing(self, failing: bool) -> None:
+        """The write-ahead audit write started (or stopped) failing."""
+        if failing:
             log.error("audit write failed: PHI commands are refused until the audit sink "
                       "works again (%s)", self.config.audit.path)
-        self.audit_failing = True
-
-    def audit_ok(self) -> None:
-        if self.audit_failing:
+        else:
             log.warning("audit sink works again")
-        self.audit_failing = False
 
     @property
     def connections(self) -> int:
@@ -172,9 +157,21 @@ class ServerState:
             self.lockout.success(src.rsplit(":", 1)[0])
         tls_info = {"version": ssl_object.version(), "cipher": ssl_object.cipher()[0]}
         self.events.connected(src, identity.subject, role_name, tls_info, identity.not_after)
+        start_db = start_db_of(self.config.roles.get(role_name))
+        databases = self.router.databases
+        if databases is not None and start_db >= databases:
+            problem = (f"role {role_name} starts in db {start_db} (its lowest in dbs), but the "
+                       f"backend has {databases} databases")
+            log.error("refusing %s: %s", src, problem)
+            tls.close()
+            return
         counts = self.metrics.command_counter(
             role_name, identity_label(self.config.identities[rule_index]))
-        session = Session(self, src, identity, role_name, self.roles[role_name], counts)
+        conn_id = self.next_conn_id()
+        session = Session(self.session_context, conn_id,
+                          self.audit.records.connection(conn_id, src, identity, role_name),
+                          src, identity, role_name, self.roles[role_name], self.decide,
+                          counts, start_db)
         session.tls_info = tls_info
         session.peer_der = der
         tls.set_protocol(session)
@@ -214,13 +211,13 @@ class ServerState:
     def session_started(self, session: Session) -> None:
         self.sessions.add(session)
         info = session.tls_info
-        self.audit.write_one(session._audit_conn.connect(
+        self.audit.write_one(session.audit_conn.connect(
             tls_version=info.get("version"), cipher=info.get("cipher")))
 
     def session_ended(self, session: Session, reason: str) -> None:
         if session in self.sessions:
             self.sessions.discard(session)
-            self.audit.write_one(session._audit_conn.disconnect(
+            self.audit.write_one(session.audit_conn.disconnect(
                 duration_s=round(time.monotonic() - session.started, 6),
                 commands=session.commands, bytes_in=session.bytes_in,
                 bytes_out=session.bytes_out, reason=reason))
@@ -233,6 +230,16 @@ class ServerState:
 
     def backend_lost(self, session: Session) -> None:
         self.events.backend_lost()
+
+    def protocol_error(self, src: str, message: str) -> None:
+        self.events.protocol_error(src, message)
+
+
+def start_db_of(role: Any) -> int:
+    """A role without database 0 starts in its lowest allowed one (Redis would put every
+    client in db 0, where that role may not be)."""
+    dbs = getattr(role, "dbs", None)
+    return min(dbs) if dbs and 0 not in dbs else 0
 
 
 def _tls_failure_reason(exc: BaseException) -> tuple[str, str]:
@@ -410,7 +417,7 @@ async def learn_backend_commands(state: ServerState) -> None:
     from proxy.resp.request import encode_command
 
     try:
-        conn = await state.pool.open()
+        conn = await state.router.open()
     except BackendUnavailable as exc:
         log.warning("learn_commands: backend unreachable (%s); using the shipped command "
                     "table (unknown commands stay refused)", exc)
@@ -461,6 +468,7 @@ async def serve(state: ServerState, *, ready: Callable[[], None] | None = None) 
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, lambda: reload(state))
     state.audit.open(loop)
+    state.session_context.deferred = state.audit.in_loop  # batch reads per loop iteration
     state.audit.write_one(state.audit.records.start(
         version=__version__, pid=os.getpid(), config=str(state.config.path)))
     if state.audit.recovery:
@@ -469,7 +477,7 @@ async def serve(state: ServerState, *, ready: Callable[[], None] | None = None) 
         log.warning("%s", warning)
     if state.config.backend.learn_commands:
         await learn_backend_commands(state)
-    state.pool.start()
+    state.router.start()
     acceptor = Acceptor(state, listen_socket(cfg.address, cfg.port, state.reuse_port))
     acceptor.start()
     log.info("phiproxy listening on %s:%s (mutual TLS, min %s), backend %s:%s",
@@ -499,7 +507,7 @@ async def serve(state: ServerState, *, ready: Callable[[], None] | None = None) 
         if session.transport is not None:
             session.transport.abort()  # also skips waiting for the peer's TLS close_notify
     await asyncio.sleep(0.1)  # let connection_lost record each disconnect
-    await state.pool.close()
+    await state.router.close()
     summary = (f"signal; {draining} connections: {idle_closed} idle closed at once, "
                f"{draining - idle_closed - forced} finished in-flight work, {forced} forced "
                f"after drain_timeout_s={state.drain_timeout_s:g}")

@@ -1,20 +1,23 @@
-"""One client connection: frame, decide, forward; relay replies in order.
+"""One client connection: frame, decide, audit, send; hand replies back in order.
 
-The pending queue holds one entry per request still owed a reply, in request order:
-  - a list (the command's metrics slot, [ok, error, denied], shared by every command of
-    that name): the backend's next reply is relayed as it is, and counted;
-  - bytes: a reply the proxy made itself (a refusal, AUTH's +OK), released when it
-    reaches the head, so the client sees replies in the order it asked;
-  - a Pending object for the few commands whose replies change session state or are
-    rewritten (SUBSCRIBE family, HELLO, SELECT, RESET, EXEC turned into DISCARD, KEYS/SCAN
-    filtering, the proxy's own AUTH after RESET).
-Pushes (pub/sub messages, RESP3 `>` frames) answer no request and pop nothing.
+The Session is glue between narrow collaborators:
+  - the request framer (`proxy.resp.request`) and the policy's `decide`;
+  - the `AuditGate`, which decides a loop iteration's reads together and writes their
+    records ahead of them (`run_queued` / `finish_queued`);
+  - the client's `ReplyQueue` (`proxy.replies`: what the client is owed, in order, and
+    its Redis state: db, protocol, subscriptions, MONITOR, CLIENT REPLY);
+  - the `Router`: a shared pipelined backend connection for stateless requests, and a
+    dedicated one, from a pool, while the client holds state a shared connection cannot
+    carry (MULTI, WATCH, subscriptions, MONITOR, blocking commands, WAIT, CLIENT
+    TRACKING/NO-EVICT/NO-TOUCH).
 
-Reads are framed as they arrive and decided once per event loop iteration (queued, then
-`run_queued` / `finish_queued` from ServerState.flush_reads): the audit records of every
-client read of that iteration are written in one write-ahead, then the reads are forwarded
-in order. A session with more than QUEUE_FLUSH_BYTES waiting flushes at once, so a burst
-meets flow control as it arrives.
+SELECT, HELLO, CLIENT SETNAME/GETNAME/SETINFO/ID/REPLY, AUTH, QUIT and (unpinned) RESET
+are answered here, kept per client: a backend connection is put in the client's db and
+protocol just before the client's requests (`BackendConnection.send`).
+
+A client's requests are in flight on one backend connection at a time: moving between
+the shared and a dedicated connection waits until nothing is in flight, holding what
+comes meanwhile (already decided and audited), so Redis runs them in the client's order.
 """
 
 from __future__ import annotations
@@ -22,76 +25,93 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-from proxy.backend import BackendConnection, BackendUnavailable
+from proxy.backend.connection import BackendConnection, BackendUnavailable
+from proxy.backend.link import Pipeline, fail_entries
+from proxy.backend.router import Router
+from proxy.commands.table import default_table
+from proxy.config import LimitsConfig
+from proxy.gate import AuditGate, Batch, take_back
 from proxy.identity import Identity
 from proxy.metrics import CommandCounts
 from proxy.policy.decision import Decision
+from proxy.replies import (
+    DENIED,
+    EXEC,
+    FILTER,
+    MONITOR,
+    PLAIN,
+    REPLACE,
+    RESET,
+    SUB,
+    SUB_KINDS,
+    Pending,
+    ReplyQueue,
+    swallowed,
+)
 from proxy.resp import canned
-from proxy.resp.reply import PUSH, REPLY, SUB_CONFIRM, ReplyFramer, SubConfirm
 from proxy.resp.request import ProtocolError, RequestFramer, encode_command
-
-if TYPE_CHECKING:
-    from proxy.server import ServerState
+from proxy.resp.values import encode_hello, encode_nil, string2ll
 
 log = logging.getLogger("phiproxy.session")
 
-OK, ERROR, DENIED = 0, 1, 2  # indexes into a metrics slot
 # Client bytes one session may have waiting for the end of the loop iteration (reads are
 # batched per iteration so all their audit records go out in one write).
 QUEUE_FLUSH_BYTES = 64 * 1024
+# A dedicated connection is kept this long after the client's state is gone, so a
+# worker looping on BLPOP or MULTI keeps one connection instead of churning the pool.
+UNPIN_GRACE_S = 1.0
 
-# Pending kinds for special entries.
-K_SUB = 1  # SUBSCRIBE family: `remaining` confirmations (or -1: computed at the head)
-K_HELLO = 2  # switch protocol when the reply is not an error
-K_SELECT = 3  # track the db when the reply is not an error
-K_RESET = 4  # reset tracked state
-K_SWALLOW = 5  # the proxy's own AUTH after RESET: never shown to the client
-K_REPLACE = 6  # send `data` instead of the backend's reply (EXEC turned into DISCARD)
-K_FILTER = 7  # rewrite the complete reply (KEYS/SCAN/PUBSUB CHANNELS filtering)
-K_MONITOR = 8  # after +OK the connection relays a MONITOR stream
-
-SUB_NAMES = {
-    b"subscribe": "channels", b"unsubscribe": "channels",
-    b"psubscribe": "patterns", b"punsubscribe": "patterns",
-    b"ssubscribe": "shard", b"sunsubscribe": "shard",
-}
-
-
-class Pending:
-    __slots__ = ("kind", "remaining", "data", "filter", "sub_kind", "arg", "slot")
-
-    def __init__(self, kind: int, remaining: int = 1, data: bytes = b"",
-                 filter: Callable[[bytes], bytes] | None = None,
-                 sub_kind: str = "", arg: int = 0, slot: list[int] | None = None) -> None:
-        self.slot = slot
-        self.kind = kind
-        self.remaining = remaining
-        self.data = data
-        self.filter = filter
-        self.sub_kind = sub_kind
-        self.arg = arg
+# Commands that block the connection they run on: never on a shared one.
+_BLOCKING = frozenset(
+    name for name, command in default_table().commands.items()
+    if "blocking" in command.flags
+) | {"wait", "waitaof"}
+_BLOCK_OPTIONAL = frozenset({"xread", "xreadgroup"})  # only with BLOCK
+_WAIT_MARKER = encode_command([b"PUBLISH", b"__phiproxy__:wait", b""])
+_UNSUBSCRIBE = {b"unsubscribe", b"punsubscribe", b"sunsubscribe"}
+# What Redis allows a RESP2 client in subscribed mode.
+_SUBSCRIBED_OK = frozenset({b"subscribe", b"psubscribe", b"ssubscribe", b"unsubscribe",
+                            b"punsubscribe", b"sunsubscribe", b"ping", b"quit", b"reset"})
+_RESET_REPLY = b"+RESET\r\n"
 
 
-class Batch:
-    """One client read, decided and waiting for its audit records to be written."""
+class SessionHooks(Protocol):
+    """What a session reports (ServerState implements it: audit, events, metrics)."""
 
-    __slots__ = ("out", "raw", "records", "audited", "pending_start", "pending_end", "multi",
-                 "received_at")
+    def session_started(self, session: Session) -> None: ...
+    def session_ended(self, session: Session, reason: str) -> None: ...
+    def command_refused(self, session: Session, decision: Decision) -> None: ...
+    def backend_lost(self, session: Session) -> None: ...
+    def protocol_error(self, src: str, message: str) -> None: ...
 
-    def __init__(self, out: list[Any], raw: bytes | None, records: list[bytes],
-                 audited: list[tuple[int, int]], pending_start: int, pending_end: int,
-                 multi: bool, received_at: float) -> None:
-        self.out = out  # what goes to Redis: argv lists (encoded on sending) and bytes
-        self.raw = raw  # the read's bytes, when they can go instead of `out`
-        self.records = records  # audit record bodies, written before anything is sent
-        self.audited = audited  # (index in out, index in pending or -1) per audited command
-        self.pending_start, self.pending_end = pending_start, pending_end
-        self.multi = multi  # a transaction was open: a failed write takes back everything
-        self.received_at = received_at
+
+class SessionContext:
+    """What every session shares, and no more (ServerState builds it; a reload updates
+    it in place)."""
+
+    __slots__ = ("limits", "idle_timeout_s", "drain_timeout_s", "max_reply_buffer_bytes",
+                 "is_phi", "gate", "router", "hooks", "observe_latency", "observe_rtt",
+                 "deferred")
+
+    def __init__(self, *, limits: LimitsConfig, idle_timeout_s: float,
+                 drain_timeout_s: float, is_phi: Callable[[bytes], bool], gate: AuditGate,
+                 router: Router, hooks: SessionHooks,
+                 observe_latency: Callable[[float], None],
+                 observe_rtt: Callable[[float], None], deferred: bool = True) -> None:
+        self.limits = limits
+        self.idle_timeout_s = idle_timeout_s
+        self.drain_timeout_s = drain_timeout_s
+        self.max_reply_buffer_bytes = limits.max_reply_buffer_bytes
+        self.is_phi = is_phi
+        self.gate = gate
+        self.router = router
+        self.hooks = hooks
+        self.observe_latency = observe_latency
+        self.observe_rtt = observe_rtt
+        self.deferred = deferred  # False: each read is decided at once (no running loop)
 
 
 class Session(asyncio.Protocol):
@@ -100,93 +120,84 @@ class Session(asyncio.Protocol):
     # Slots: a Session has more attributes than CPython 3.11 shares dict keys for, so
     # without them each connection would carry its own ~3 KiB attribute dict.
     __slots__ = (
-        "state", "counts", "conn_id", "_audit", "_audit_conn", "_is_phi", "_records",
-        "_audited", "_batch_multi", "_defer", "_queued", "_queued_bytes", "_stop_reading",
-        "bytes_in", "bytes_out", "peer_der", "tls_info", "close_reason", "_shutting_down",
-        "src", "identity", "role_name", "role", "_decide", "_framer", "_replies", "_pending",
-        "_special", "transport", "backend", "_backend_used", "_connecting", "_early",
-        "_proto", "_db", "_audit_db", "_subs", "_in_multi", "_multi_dirty", "_reply_mode",
-        "_monitor", "_frame_buf", "_frame_streamed", "_frame_first", "_client_paused_reasons",
-        "_backend_reading_paused", "_closing", "commands", "started", "_last_activity",
-        "_idle_handle", "_received_at", "_rtt_start", "_observe_latency", "_observe_rtt",
+        "ctx", "counts", "conn_id", "audit_conn", "src", "identity", "role_name", "role",
+        "_decide", "_framer", "queue", "transport", "bytes_in", "bytes_out", "peer_der",
+        "tls_info", "close_reason", "commands", "started", "_records", "_batch",
+        "_queued", "_queued_bytes", "_stop_reading", "_closing", "_shutting_down",
+        "_paused_reasons", "_last_activity", "_idle_handle", "_received_at", "_rtt_start",
+        "_pipeline", "_dedicated", "_pinned", "_held", "_acquiring", "_unpin_handle",
+        "_in_multi", "_multi_dirty", "_multi_db", "_multi_selected", "_watching",
+        "_tracking", "_flags", "name", "start_db",
     )
 
-    def __init__(self, state: ServerState, src: str, identity: Identity, role_name: str,
-                 role: Any, counts: CommandCounts) -> None:
-        self.state = state
+    def __init__(self, ctx: SessionContext, conn_id: int, audit_conn: Any, src: str,
+                 identity: Identity, role_name: str, role: Any,
+                 decide: Callable[[Any, list[bytes]], Decision], counts: CommandCounts,
+                 start_db: int = 0) -> None:
+        self.ctx = ctx
         self.counts = counts  # command name -> metrics slot [ok, error, denied]
-        self.conn_id = state.next_conn_id()
-        # Audit: records of one client read are written together, before it is forwarded.
-        self._audit = state.audit
-        self._audit_conn = state.audit.records.connection(self.conn_id, src, identity, role_name)
-        self._is_phi = state.is_phi_key
-        self._records: list[bytes] = []
-        self._audited: list[tuple[int, int]] = []  # (index in out, index in pending or -1)
-        self._batch_multi = False  # a transaction was open when the current read started
-        # Loop-level batching: reads of one loop iteration are decided together after it,
-        # so every client's audit records go out in one write (ServerState.flush_reads).
-        self._defer = state.defer_reads if state.audit.in_loop else None
-        self._queued: list[tuple[Any, Any, float]] = []  # (commands, raw, received_at)
-        self._queued_bytes = 0
-        self._stop_reading = False  # QUIT or a protocol error: later reads are ignored
-        self.bytes_in = self.bytes_out = 0
-        self.peer_der: bytes | None = None  # the client certificate, for reload checks
-        self.tls_info: dict[str, str] = {}  # TLS version and cipher, for the connect record
-        self.close_reason: str | None = None
-        self._shutting_down = False
+        self.conn_id = conn_id
+        self.audit_conn = audit_conn  # builds this connection's audit records
         self.src = src
         self.identity = identity
         self.role_name = role_name
         self.role = role
-        self._decide = state.decide
-        limits = state.config.limits
-        self._framer = RequestFramer(
+        self._decide = decide
+        limits = ctx.limits
+        self._framer: RequestFramer | None = RequestFramer(
             max_bulk_bytes=limits.max_bulk_bytes,
             max_query_buffer_bytes=limits.max_query_buffer_bytes,
             max_args=limits.max_args,
             max_inline_bytes=limits.max_inline_bytes,
         )
-        self._replies = ReplyFramer()
-        self._pending: deque[Any] = deque()
-        self._special = 0  # entries in _pending that are not slots: 0 = the fast reply path
+        self.queue = ReplyQueue(self._deliver)
+        self.start_db = start_db  # a role without db 0 starts in its first allowed one
+        self.queue.db = start_db
         self.transport: asyncio.Transport | None = None
-        self.backend: BackendConnection | None = None
-        self._backend_used = False
-        self._connecting: asyncio.Task[None] | None = None
-        self._early: list[bytes] = []  # commands waiting for the backend connection
-        # Tracked Redis connection state.
-        self._proto = 2
-        self._db = 0  # confirmed by Redis's reply to SELECT
-        self._audit_db = 0  # as of the command being handled: SELECT counts when sent
-        self._subs: dict[str, set[bytes]] = {"channels": set(), "patterns": set(), "shard": set()}
-        self._in_multi = False
-        self._multi_dirty = False
-        self._reply_mode = 0  # 0 on, 1 off, 2 skip the next command's reply
-        self._monitor = False
-        # Partial reply state (a frame that started in an earlier chunk).
-        self._frame_buf: list[bytes] | None = None  # collected bytes when the head needs them
-        self._frame_streamed = False  # the current frame's first bytes were already relayed
-        self._frame_first = 0  # first byte of the current frame ('-' marks an error)
-        # Flow control.
-        self._client_paused_reasons: set[str] = set()
-        self._backend_reading_paused = False
-        self._closing = False
+        self.bytes_in = self.bytes_out = 0
+        self.peer_der: bytes | None = None  # the client certificate, for reload checks
+        self.tls_info: dict[str, str] = {}  # TLS version and cipher, for the connect record
+        self.close_reason: str | None = None
         self.commands = 0
         self.started = time.monotonic()
+        self._records: list[bytes] = []
+        self._batch: Batch | None = None  # the read being decided
+        self._queued: list[tuple[Any, Any, float]] = []  # (commands, raw, received_at)
+        self._queued_bytes = 0
+        self._stop_reading = False  # QUIT or a protocol error: later reads are ignored
+        self._closing = False
+        self._shutting_down = False
+        self._paused_reasons: set[str] = set()
         self._last_activity = self.started
         self._idle_handle: asyncio.TimerHandle | None = None
         self._received_at = 0.0  # perf_counter() of the read being handled
-        self._rtt_start = 0.0  # when a batch went to an idle backend (for the RTT histogram)
-        metrics = state.metrics
-        self._observe_latency = metrics.proxy_latency.observe
-        self._observe_rtt = metrics.backend_rtt.observe
+        self._rtt_start = 0.0  # when requests went to Redis with none in flight
+        # Where requests go.
+        self._pipeline: Pipeline | None = None  # the shared connection slot
+        self._dedicated: BackendConnection | None = None
+        self._pinned = False  # requests decided from now on need a dedicated connection
+        self._held: list[tuple[int, int, bytes, list[Pending], Any, int]] | None = None
+        self._acquiring = False
+        self._unpin_handle: asyncio.TimerHandle | None = None
+        # Connection state the proxy cannot keep for the client (it pins).
+        self._in_multi = False
+        self._multi_dirty = False  # a command of the transaction was refused here
+        self._multi_db = 0  # the db when MULTI began (an aborted EXEC goes back to it)
+        self._multi_selected = False  # a SELECT was queued in the transaction
+        self._watching = False
+        self._tracking = False
+        self._flags: set[bytes] = set()  # CLIENT NO-EVICT / NO-TOUCH that are on
+        self.name: bytes | None = None  # CLIENT SETNAME
 
     # ------------------------------------------------------------------ client side
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
-        self.state.session_started(self)
+        self._pipeline = self.ctx.router.pipeline()
+        self._pipeline.users.add(self)
+        if self._pipeline.paused:
+            self.backend_paused(True)
+        self.ctx.hooks.session_started(self)
         self._schedule_idle_check()
-        self._connect_backend()
 
     def data_received(self, data: bytes) -> None:
         if self._closing:
@@ -201,24 +212,25 @@ class Session(asyncio.Protocol):
             commands = framer.feed(data)
         except ProtocolError as exc:
             if self._queued:  # reported after the reads queued before it, in order
-                self._framer = None  # type: ignore[assignment]
+                self._framer = None
                 self._queued.append((None, str(exc).encode(), 0.0))
             else:
                 self._protocol_error(str(exc))
             return
-        if commands:
-            raw = data if framer.verbatim else None
-            if self._defer is None:
-                self._handle(commands, raw)
-                return
-            if not self._queued:
-                self._defer(self)
-            self._queued.append((commands, raw, self._received_at))
-            self._queued_bytes += len(data)
-            if self._queued_bytes > QUEUE_FLUSH_BYTES:
-                # A big burst from one client: handle it now, so that flow control (pausing
-                # this client when its replies back up) acts within the burst.
-                self.state.flush_reads()
+        if not commands:
+            return
+        raw = data if framer.verbatim else None
+        if not self.ctx.deferred:
+            self._handle(commands, raw)
+            return
+        if not self._queued:
+            self.ctx.gate.defer(self)
+        self._queued.append((commands, raw, self._received_at))
+        self._queued_bytes += len(data)
+        if self._queued_bytes > QUEUE_FLUSH_BYTES:
+            # A big burst from one client: handle it now, so that flow control (pausing
+            # this client when its replies back up) acts within the burst.
+            self.ctx.gate.flush()
 
     def eof_received(self) -> bool | None:
         # Asks to keep the connection for the replies still owed. Over TLS (always, here)
@@ -230,45 +242,47 @@ class Session(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._queued:  # what the client sent before it went still goes to Redis
-            self.state.flush_reads()
+            self.ctx.gate.flush()
         self._closing = True
-        if self._idle_handle is not None:
-            self._idle_handle.cancel()
-        if self._connecting is not None:
-            self._connecting.cancel()
-        if self.backend is not None:
-            self.backend.user = None
-            self.backend.close()
-        self.state.session_ended(
+        for handle in (self._idle_handle, self._unpin_handle):
+            if handle is not None:
+                handle.cancel()
+        if self._pipeline is not None:
+            self._pipeline.users.discard(self)
+        conn = self._dedicated
+        if conn is not None and self._held is None:
+            self._dedicated = None
+            self.ctx.router.give_back(conn, reusable=not conn.busy and not self._has_state())
+        self.transport = None
+        self.ctx.hooks.session_ended(
             self, self.close_reason or ("client closed" if exc is None else str(exc)))
 
     def pause_writing(self) -> None:
-        # The client reads slower than we produce: stop both sources of its replies.
-        self._pause_client("client-write")
-        if self.backend is not None and self.backend.transport is not None:
-            self.backend.transport.pause_reading()
-            self._backend_reading_paused = True
+        # The client reads slower than replies come: stop reading its requests. Its own
+        # dedicated connection is paused too; a shared one cannot be, so the replies it
+        # owes are buffered, within max_reply_buffer_bytes (`_deliver`).
+        self._pause("client-write")
+        if self._dedicated is not None and self._dedicated.transport is not None:
+            self._dedicated.transport.pause_reading()
 
     def resume_writing(self) -> None:
-        self._resume_client("client-write")
-        if self._backend_reading_paused and self.backend is not None and \
-                self.backend.transport is not None:
-            self._backend_reading_paused = False
-            self.backend.transport.resume_reading()
+        self._resume("client-write")
+        if self._dedicated is not None and self._dedicated.transport is not None:
+            self._dedicated.transport.resume_reading()
 
     # ------------------------------------------------------------------ requests
     def _handle(self, commands: list[list[bytes]], raw: bytes | None = None) -> None:
-        """Decide, audit (write-ahead) and forward one read's commands at once."""
+        """Decide, audit (write-ahead) and send one read's commands at once (used where
+        reads are not batched per loop iteration)."""
         batch = self._prepare(commands, raw, self._received_at)
-        ok = self._audit.write(batch.records) if batch.records else True
-        if self._finish(batch, ok):
-            self._release_refusals()
+        ok = self.ctx.gate.write(batch.records) if batch.records else True
+        self._finish(batch, ok)
+        self.ctx.router.flush()
         if self._closing:
             self._close_when_drained()
 
     def run_queued(self) -> list[Batch]:
-        """Loop-level batching, step 1 (ServerState.flush_reads): prepare every read queued
-        in this loop iteration, in order; their records are then written in one go."""
+        """Gate step 1: prepare every read queued in this loop iteration, in order."""
         queued, self._queued = self._queued, []
         self._queued_bytes = 0
         batches = []
@@ -276,52 +290,42 @@ class Session(asyncio.Protocol):
             if self._stop_reading:  # after QUIT or a protocol error nothing more is read
                 break
             if commands is None:  # the framer failed on this read (raw holds the message)
-                self._protocol_error(raw.decode())  # type: ignore[union-attr]
+                self._protocol_error(raw.decode())
                 break
             batches.append(self._prepare(commands, raw, received_at))
         return batches
 
     def finish_queued(self, batches: list[Batch], ok: bool) -> None:
-        """Step 3: forward each prepared read (or take back its audited commands)."""
-        took_back = False
+        """Gate step 3: send each prepared read (or take back its audited commands)."""
         for batch in batches:
-            took_back |= self._finish(batch, ok)
-        if took_back:
-            self._release_refusals()
+            self._finish(batch, ok)
         if self._closing:
             self._close_when_drained()
 
     def _prepare(self, commands: list[list[bytes]], raw: bytes | None,
                  received_at: float) -> Batch:
-        """Decide one read's commands: what goes to Redis, the pending replies, the audit
-        records to write ahead. `raw`: the read's bytes when they are exactly these
-        commands in canonical form (RequestFramer.verbatim); if every command goes to Redis
-        unchanged, they are forwarded as they are."""
-        # `out` holds what goes to Redis, in order: an argv list for a command forwarded
-        # unchanged (encoded at the end, unless `raw` can go instead), bytes otherwise.
-        out: list[Any] = []
-        pending = self._pending
-        decide = self._decide
-        role = self.role
-        counts = self.counts
-        is_phi = self._is_phi
-        self._records, self._audited = [], []
-        audit_command = self._audit_command
-        monitor = self._monitor  # only a reply changes it, never a command of this read
-        batch_start = len(pending)
-        self._batch_multi = self._in_multi
+        """Decide one read's commands: requests for Redis, reply entries, audit records.
+        `raw`: the read's bytes when they are exactly these commands in canonical form
+        (RequestFramer.verbatim): sent as they are if every command goes unchanged."""
+        queue = self.queue
+        batch = self._batch = Batch(queue.db, queue.proto, self._pinned, received_at)
+        batch.multi = self._in_multi
+        self._records = batch.records
+        items, entries, qidx = batch.items, batch.entries, batch.qidx
+        decide, role, counts, is_phi = self._decide, self.role, self.counts, self.ctx.is_phi
         plain = handled = 0
         for argv in commands:
             handled += 1
             special = _SPECIAL.get(argv[0].lower())
             if special is not None:
-                special(self, argv, out)
+                special(self, argv)
                 if self._closing:  # QUIT
                     self._stop_reading = True
                     break
                 continue
-            if monitor:
-                self._local(canned.error("phiproxy: only QUIT is allowed on a MONITOR connection"))
+            if queue.monitor:
+                self._local(canned.error(
+                    "phiproxy: only QUIT is allowed on a MONITOR connection"))
                 continue
             decision = decide(role, argv)
             allowed, command, _, _, _, _, reply_filter, sensitive, keys = decision
@@ -329,123 +333,281 @@ class Session(asyncio.Protocol):
                 self._refuse(decision)
                 continue
             if reply_filter is not None:
-                self._forward_filtered(argv, decision, out)
+                self._forward_filtered(argv, decision)
                 continue
+            if command in _BLOCKING and not self._pinned and self._blocks(command, argv):
+                self._pin()
             if sensitive or (keys and (is_phi(keys[0]) if len(keys) == 1
                                        else any(map(is_phi, keys)))):
-                audit_command(command, keys, out)
-            out.append(argv)
+                batch.audited.append(len(items))
+                self._records.append(self.audit_conn.command(command, keys, queue.db))
+            items.append(argv)
+            entries.append(queue.plain(counts[command]))
+            qidx.append(len(queue.entries) - 1)
             plain += 1
-            if self._reply_mode == 0:
-                pending.append(counts[command])
-            elif self._reply_mode == 2:
-                self._reply_mode = 0
         self.commands += handled
-        verbatim = raw is not None and plain == len(out) == len(commands)
-        return Batch(out, raw if verbatim else None, self._records, self._audited, batch_start,
-                     len(pending), self._batch_multi or self._in_multi, received_at)
+        batch.multi = batch.multi or self._in_multi
+        if raw is not None and plain == len(items) == len(commands) \
+                and len(batch.segments) == 1:
+            batch.raw = raw
+        self._batch = None
+        return batch
 
-    def _finish(self, batch: Batch, ok: bool) -> bool:
-        """Forward a prepared read once its records are written. If they could not be
-        (and fail_closed), its audited commands are taken back: refused in place with
-        `-ERR audit unavailable`, never sent. True if something was taken back."""
-        out = batch.out
+    def _finish(self, batch: Batch, ok: bool) -> None:
+        """Send a prepared read once its records are written; if they could not be (and
+        fail_closed), its audited commands are taken back first."""
         took_back = False
-        if batch.records:
-            if ok:
-                if self.state.audit_failing:
-                    self.state.audit_ok()
-            elif self.state.config.audit.fail_closed and batch.audited:
-                self._take_back(batch)
-                out = [chunk for chunk in out if chunk]
-                took_back = True
-        if out:
-            if batch.raw is not None and not took_back:
-                self._send(batch.raw, batch.received_at)  # the bytes as read
-            else:
-                self._send(b"".join([encode_command(chunk) if type(chunk) is list else chunk
-                                     for chunk in out]), batch.received_at)
-        return took_back
-
-    def _take_back(self, batch: Batch) -> None:
-        out, pending = batch.out, self._pending
-        if batch.multi:
-            # A transaction was open in this read: taking back only the audited commands
-            # would let EXEC run the rest. Take back the whole read; a transaction left
-            # open ends in EXECABORT, as in Redis after a queueing error.
-            out[:] = [b""] * len(out)
-            takeback: Any = range(batch.pending_start, batch.pending_end)
-            self._multi_dirty = True
-        else:
-            for out_index, _ in batch.audited:
-                out[out_index] = b""
-            takeback = [index for _, index in batch.audited if index >= 0]
-        for pending_index in takeback:
-            entry = pending[pending_index]
-            if type(entry) is bytes:
-                continue  # already answered here (a refusal)
-            if type(entry) is list:  # a plain entry becomes a local one
-                entry[ERROR] += 1
-                self._special += 1
-            pending[pending_index] = canned.AUDIT_UNAVAILABLE
-        self.state.audit_failed(self)
-
-    def _release_refusals(self) -> None:
-        """Refusals now at the head of the pending queue go out at once."""
-        if self.transport is not None:
-            head: list[bytes] = []
-            self._release_locals(head)
-            if head:
-                self.transport.write(b"".join(head))
-
-    # ------------------------------------------------------------------ audit
-    def _audit_command(self, command: str, keys: tuple[bytes, ...], out: list[Any]) -> None:
-        """A `command` record for what is about to be forwarded (out and pending positions
-        kept, so a failed write can take exactly these commands back)."""
-        self._records.append(self._audit_conn.command(command, keys, self._audit_db))
-        self._audited.append((len(out), len(self._pending) if self._reply_mode == 0 else -1))
-
-    def _send(self, data: bytes, received_at: float) -> None:
-        backend = self.backend
-        if backend is not None and not backend.closed:
+        if self.ctx.gate.must_take_back(batch, ok):
+            take_back(batch, self.queue)
+            if self._in_multi or batch.multi:
+                self._multi_dirty = True
+            took_back = True
+        items = batch.items
+        if items:
             now = time.perf_counter()
-            self._observe_latency(now - received_at)
-            if not self._rtt_start:
-                self._rtt_start = now
-            backend.write(data)
-            return
-        self._early.append(data)
-        if backend is None:
-            self._pause_client("backend-connect")
-            self._connect_backend()
-        else:
-            self._fail_pending()
+            self.ctx.observe_latency(now - batch.received_at)
+            segments = batch.segments
+            for n, (start, db, proto, dedicated, after) in enumerate(segments):
+                end = segments[n + 1][0] if n + 1 < len(segments) else len(items)
+                if start == end:
+                    continue
+                if batch.raw is not None and not took_back:
+                    payload, entries = batch.raw, batch.entries
+                else:
+                    kept = [i for i in range(start, end) if items[i] is not None]
+                    if not kept:
+                        continue
+                    payload = b"".join([encode_command(items[i]) if type(items[i]) is list
+                                        else items[i] for i in kept])
+                    entries = [batch.entries[i] for i in kept]
+                self._send(db, proto, payload, entries, after, dedicated)
+        if took_back:
+            out: list[bytes] = []
+            self.queue.release(out)
+            self._write(out)
 
-    def _push_pending(self, entry: Any) -> None:
-        self._pending.append(entry)
-        self._special += 1
+    def _send(self, db: int, proto: int, payload: bytes, entries: list[Pending],
+              after: Any, dedicated: bool) -> None:
+        owned = sum(1 for entry in entries if entry.queue is not None)
+        if self._held is not None or (dedicated and self._dedicated is None):
+            self._hold((db, proto, payload, entries, after, owned))
+            return
+        if not self.queue.in_flight:
+            self._rtt_start = time.perf_counter()
+        self.queue.in_flight += owned
+        if dedicated:
+            self._dedicated.send(db, proto, payload, entries, after)  # type: ignore[union-attr]
+        else:
+            self._pipeline.send(db, proto, payload, entries, after)  # type: ignore[union-attr]
+
+    # ------------------------------------------------------------------ pinning
+    def _blocks(self, command: str, argv: list[bytes]) -> bool:
+        if command in _BLOCK_OPTIONAL:
+            return any(arg.lower() == b"block" for arg in argv[1:])
+        return not self._in_multi
+
+    def _pin(self) -> None:
+        """Requests from here on need a dedicated connection."""
+        if self._unpin_handle is not None:
+            self._unpin_handle.cancel()
+            self._unpin_handle = None
+        if self._pinned:
+            return
+        self._pinned = True
+        if self._batch is not None:
+            self._batch.cut(self.queue.db, self.queue.proto, True)
+
+    def _has_state(self) -> bool:
+        """State only a dedicated connection can carry."""
+        queue = self.queue
+        return (self._in_multi or self._watching or self._tracking or bool(self._flags)
+                or queue.monitor or queue.subscribed or (queue.entries
+                                                         and queue.entries[0].kind == SUB))
+
+    def _hold(self, request: tuple[int, int, bytes, list[Pending], Any, int]) -> None:
+        """Wait for the move to a dedicated connection (nothing may be in flight on the
+        shared one: Redis must run the client's requests in its order)."""
+        if self._held is None:
+            self._held = []
+        self._held.append(request)
+        self._move_when_ready()
+
+    def _move_when_ready(self) -> None:
+        if self._held is None or self._acquiring or self.queue.in_flight:
+            return
+        conn = self.ctx.router.take_dedicated()
+        if conn is not None:
+            self._attach(conn)
+            return
+        self._acquiring = True
+        asyncio.get_running_loop().create_task(self._open_dedicated())
+
+    async def _open_dedicated(self) -> None:
+        try:
+            conn = await self.ctx.router.open_dedicated()
+        except BackendUnavailable:
+            self._acquiring = False
+            held, self._held = self._held or [], None
+            self._pinned = False
+            self._clear_state()
+            for *_, entries, _, _ in held:
+                fail_entries(entries)
+            return
+        self._acquiring = False
+        self._attach(conn)
+
+    def _attach(self, conn: BackendConnection) -> None:
+        held, self._held = self._held or [], None
+        conn.owner = self
+        conn.on_idle = self._dedicated_idle
+        self._dedicated = conn
+        if self.transport is None:  # the client left meanwhile: what it sent still runs
+            conn.on_idle = lambda done: self.ctx.router.give_back(done, reusable=False)
+            self._dedicated = None
+        for db, proto, payload, entries, after, owned in held:
+            self.queue.in_flight += owned
+            conn.send(db, proto, payload, entries, after)
+        if not held and self.transport is None:
+            self.ctx.router.give_back(conn, reusable=False)
+
+    def _dedicated_idle(self, conn: BackendConnection) -> None:
+        """Nothing in flight on the dedicated connection: give it back once the client
+        holds no state (after a grace period, so loops of MULTI or BLPOP keep it)."""
+        if conn is not self._dedicated or self._has_state() or self._unpin_handle is not None:
+            return
+        self._unpin_handle = asyncio.get_running_loop().call_later(UNPIN_GRACE_S, self._unpin)
+
+    def _unpin(self) -> None:
+        self._unpin_handle = None
+        conn = self._dedicated
+        if conn is None or conn.busy or self._has_state() or self._held is not None:
+            return
+        self._dedicated = None
+        self._pinned = False
+        self.ctx.router.give_back(conn, reusable=True)
+
+    def backend_lost(self, conn: BackendConnection, exc: Exception | None) -> None:
+        """The dedicated connection is gone (what was in flight on it is answered
+        `backend unavailable` already)."""
+        if conn is not self._dedicated:
+            return
+        self._dedicated = None
+        self.ctx.router.give_back(conn, reusable=False)
+        self.ctx.hooks.backend_lost(self)
+        if self._has_state() and self.transport is not None and not self._closing:
+            # Its transaction, subscriptions or MONITOR are gone with it: answer what is
+            # owed, then close, rather than silently go on without them.
+            log.warning("dedicated backend connection of %s lost%s; closing the client",
+                        self.src, f": {exc}" if exc else "")
+            self._closing = True
+            self._close_when_drained(force=True)
+            return
+        self._pinned = False
+
+    def backend_paused(self, paused: bool) -> None:
+        """Redis stopped (or resumed) reading the connection this client sends on."""
+        if paused:
+            self._pause("backend-write")
+        else:
+            self._resume("backend-write")
+
+    def _clear_state(self) -> None:
+        self._in_multi = self._multi_dirty = self._watching = self._tracking = False
+        self._flags.clear()
+
+    # ------------------------------------------------------------------ replies
+    def _deliver(self, out: list[bytes]) -> None:
+        """Reply bytes for this client (from a backend connection, in order)."""
+        self._write(out)
+        if self._held is not None and not self.queue.in_flight:
+            self._move_when_ready()
+        if self._rtt_start and not self.queue.in_flight:
+            self.ctx.observe_rtt(time.perf_counter() - self._rtt_start)
+            self._rtt_start = 0.0
+        if self._closing and not self.queue.entries:
+            self._close_when_drained()
+
+    def _write(self, out: list[bytes]) -> None:
+        transport = self.transport
+        if not out or transport is None or transport.is_closing():
+            return
+        data = out[0] if len(out) == 1 else b"".join(out)
+        self.bytes_out += len(data)
+        transport.write(data)
+        if "client-write" in self._paused_reasons and \
+                transport.get_write_buffer_size() > self.ctx.max_reply_buffer_bytes:
+            log.warning("closing %s: it does not read its replies (%d bytes buffered, over "
+                        "[limits] max_reply_buffer_bytes = %d)", self.src,
+                        transport.get_write_buffer_size(), self.ctx.max_reply_buffer_bytes)
+            self.close_reason = "reply buffer limit: the client does not read its replies"
+            self.abort()
 
     def _local(self, reply: bytes) -> None:
-        """Queue a reply the proxy made itself; it goes out once earlier replies have."""
-        if self._reply_mode != 0:
-            if self._reply_mode == 2:
-                self._reply_mode = 0
-            return
-        if self._pending:
-            self._push_pending(reply)
-        elif self.transport is not None:
-            self.transport.write(reply)
+        """A reply made here; it goes out once every earlier reply has."""
+        data = self.queue.local(reply)
+        if data:
+            self._write([data])
+
+    # ------------------------------------------------------------------ decisions
+    def _add(self, argv: list[bytes] | bytes, entry: Pending, audited: str | None = None,
+             keys: tuple[bytes, ...] = ()) -> None:
+        """One request for Redis in the read being decided."""
+        batch = self._batch
+        assert batch is not None
+        if audited is not None:
+            batch.audited.append(len(batch.items))
+            self._records.append(self.audit_conn.command(audited, keys, self.queue.db))
+        batch.items.append(argv)
+        batch.entries.append(entry)
+        batch.qidx.append(len(self.queue.entries) - 1 if entry.queue is not None else -1)
+
+    def _forward(self, argv: list[bytes], command: str, kind: int = PLAIN,
+                 **fields: Any) -> Pending:
+        slot = self.counts[command]
+        entry = self.queue.plain(slot) if kind == PLAIN else \
+            self.queue.special(kind, slot, **fields)
+        self._add(argv, entry)
+        return entry
 
     def _refuse(self, decision: Decision) -> None:
         self.counts[decision.command][DENIED] += 1
-        self._records.append(self._audit_conn.denied(
-            decision.command, decision.keys, self._audit_db, decision.reason))
+        self._records.append(self.audit_conn.denied(
+            decision.command, decision.keys, self.queue.db, decision.reason))
         if self._in_multi:
             self._multi_dirty = True  # Redis aborts the transaction at EXEC
-        self.state.command_refused(self, decision)
+        self.ctx.hooks.command_refused(self, decision)
         self._local(decision.error)
 
-    def _forward_filtered(self, argv: list[bytes], decision: Decision, out: list[bytes]) -> None:
+    def _allowed(self, argv: list[bytes]) -> Decision | None:
+        """Policy for a command the session also handles itself; refuses when denied."""
+        decision = self._decide(self.role, argv)
+        if not decision.allowed:
+            self._refuse(decision)
+            return None
+        return decision
+
+    def _answer_here(self, decision: Decision, reply: bytes) -> None:
+        """A command the proxy answers itself (counted as Redis would count it)."""
+        self.counts[decision.command][1 if reply[:1] == b"-" else 0] += 1
+        if self._in_multi and reply[:1] != b"-":
+            # Inside MULTI these would be queued by Redis; the proxy cannot: refuse.
+            self._multi_dirty = True
+            reply = canned.error(f"phiproxy: '{decision.command}' inside MULTI is not "
+                                 "supported")
+        self._local(reply)
+
+    def _subscribed_refusal(self, argv: list[bytes]) -> bool:
+        """A RESP2 client in subscribed mode may only (un)subscribe, PING, QUIT, RESET."""
+        if self.queue.proto == 2 and self.queue.subscribed and \
+                argv[0].lower() not in _SUBSCRIBED_OK:
+            self._local(canned.error(
+                f"Can't execute '{argv[0].decode('utf-8', 'replace').lower()}': only "
+                "(P|S)SUBSCRIBE / (P|S)UNSUBSCRIBE / PING / QUIT / RESET are allowed in "
+                "this context"))
+            return True
+        return False
+
+    def _forward_filtered(self, argv: list[bytes], decision: Decision) -> None:
         """KEYS/SCAN/PUBSUB CHANNELS for a role that may only learn some names."""
         if self._in_multi:
             # Inside MULTI the reply comes back inside EXEC's array, out of the filter's
@@ -457,510 +619,390 @@ class Session(asyncio.Protocol):
                     f"phiproxy: '{decision.command}' cannot be filtered inside MULTI; "
                     "run it outside the transaction", prefix="NOPERM")))
             return
-        # KEYS/SCAN read names without naming them
-        self._audit_command(decision.command, decision.keys, out)
-        self._forward_tracked(argv, out, Pending(K_FILTER, filter=decision.reply_filter))
+        entry = self.queue.special(FILTER, self.counts[decision.command],
+                                   filter=decision.reply_filter)
+        self._add(argv, entry, audited=decision.command, keys=decision.keys)
 
-    def _decide_special(self, argv: list[bytes]) -> Decision | None:
-        """Policy for a command the session also handles itself; refuses when denied."""
-        decision = self._decide(self.role, argv)
-        if not decision.allowed:
-            self._refuse(decision)
-            return None
-        return decision
-
-    def _forward_tracked(self, argv: list[bytes], out: list[bytes], entry: Pending) -> None:
-        out.append(encode_command(argv))
-        entry.slot = self.counts[argv[0].lower().decode("ascii", "replace")]
-        if self._reply_mode == 0:
-            self._push_pending(entry)
-        elif self._reply_mode == 2:
-            self._reply_mode = 0
-
-    # Special commands. Each is decided by the policy unless it never reaches the backend.
-    def _cmd_auth(self, argv: list[bytes], out: list[bytes]) -> None:
+    # Special commands. Each is decided by the policy unless it never reaches Redis.
+    def _cmd_auth(self, argv: list[bytes]) -> None:
         # The certificate is the identity; the client's password is never forwarded.
         if len(argv) not in (2, 3):
             self._local(canned.error("wrong number of arguments for 'auth' command"))
             return
         username = argv[1].decode("utf-8", "replace") if len(argv) == 3 else None
-        self._records.append(self._audit_conn.auth(username=username, command="auth"))
+        self._records.append(self.audit_conn.auth(username=username, command="auth"))
         if self._in_multi:
             self._multi_dirty = True
             self._local(canned.error("phiproxy: AUTH inside MULTI is not supported"))
             return
         self._local(canned.OK)
 
-    def _cmd_hello(self, argv: list[bytes], out: list[bytes]) -> None:
-        # HELLO [protover [AUTH username password] [SETNAME name]]: the AUTH part is
-        # answered here (audited, never forwarded); the rest goes to Redis.
+    def _cmd_hello(self, argv: list[bytes]) -> None:
+        # HELLO [protover [AUTH username password] [SETNAME name]], answered here: the
+        # AUTH part is audited and never forwarded; the protocol is kept per client.
         stripped = argv[:2]
+        name = None
         i = 2
         while i < len(argv):
-            if argv[i].lower() == b"auth":
-                if i + 2 >= len(argv):
-                    self._local(canned.error("Syntax error in HELLO option 'auth'"))
-                    return
+            option = argv[i].lower()
+            if option == b"auth" and i + 2 < len(argv):
                 username = argv[i + 1].decode("utf-8", "replace")
-                self._records.append(self._audit_conn.auth(username=username, command="hello"))
+                self._records.append(self.audit_conn.auth(username=username, command="hello"))
                 i += 3
                 continue
-            stripped.append(argv[i])
-            i += 1
-        if not self._decide_special(stripped):
+            if option == b"setname" and i + 1 < len(argv):
+                name = argv[i + 1]
+                stripped += argv[i:i + 2]
+                i += 2
+                continue
+            option_text = argv[i].decode("utf-8", "replace")
+            self._local(canned.error(f"Syntax error in HELLO option '{option_text}'"))
             return
-        try:
-            proto = int(stripped[1]) if len(stripped) > 1 else self._proto
-        except ValueError:
-            proto = self._proto
-        self._forward_tracked(stripped, out, Pending(K_HELLO, arg=proto))
+        decision = self._allowed(stripped)
+        if decision is None or self._subscribed_refusal(argv):
+            return
+        proto = self.queue.proto
+        if len(argv) > 1:
+            version = string2ll(argv[1])
+            if version is None:
+                self._answer_here(decision, canned.error(
+                    "Protocol version is not an integer or out of range"))
+                return
+            if version not in (2, 3):
+                self._answer_here(decision, b"-NOPROTO unsupported protocol version\r\n")
+                return
+            proto = version
+        if name is not None:
+            problem = _name_problem(name)
+            if problem:
+                self._answer_here(decision, canned.error(problem))
+                return
+        info = self.ctx.router.server_info
+        if info is None:
+            self._answer_here(decision, canned.BACKEND_UNAVAILABLE)
+            return
+        if self._in_multi:
+            self._answer_here(decision, canned.OK)  # refused: not supported inside MULTI
+            return
+        if name is not None:
+            self.name = name or None
+        self.queue.proto = proto
+        self._cut()
+        self._answer_here(decision, encode_hello(info, proto, self.conn_id))
 
-    def _cmd_select(self, argv: list[bytes], out: list[bytes]) -> None:
-        if not self._decide_special(argv):
+    def _cmd_select(self, argv: list[bytes]) -> None:
+        decision = self._allowed(argv)
+        if decision is None or self._subscribed_refusal(argv):
             return
-        try:
-            db = int(argv[1]) if len(argv) == 2 else -1
-        except ValueError:
-            db = -1
-        self._forward_tracked(argv, out, Pending(K_SELECT, arg=db))
-        if db >= 0:
-            self._audit_db = db  # commands behind it in this pipeline run there
+        if len(argv) != 2:
+            self._answer_here(decision, canned.error(
+                "wrong number of arguments for 'select' command"))
+            return
+        db = string2ll(argv[1])
+        if db is None:
+            self._answer_here(decision, canned.error(
+                "value is not an integer or out of range"))
+            return
+        databases = self.ctx.router.databases
+        if databases is None:
+            self._answer_here(decision, canned.BACKEND_UNAVAILABLE)
+            return
+        if not 0 <= db < databases:
+            self._answer_here(decision, canned.error("DB index is out of range"))
+            return
+        if self._in_multi:
+            # Queued in the transaction by Redis; the connection is in that db after it.
+            self._multi_selected = True
+            self._forward(argv, decision.command)
+            self.queue.db = db
+            self._cut(after=(db, self.queue.proto))
+            return
+        self.queue.db = db
+        self._cut()
+        self._answer_here(decision, canned.OK)
 
-    def _cmd_subscribe(self, argv: list[bytes], out: list[bytes]) -> None:
-        if not self._decide_special(argv):
+    def _cut(self, after: tuple[int, int] | None = None) -> None:
+        if self._batch is not None:
+            self._batch.cut(self.queue.db, self.queue.proto, self._pinned, after)
+
+    def _cmd_subscribe(self, argv: list[bytes]) -> None:
+        decision = self._allowed(argv)
+        if decision is None:
             return
-        sub_kind = SUB_NAMES[argv[0].lower()]
+        name = argv[0].lower()
+        sub_kind = SUB_KINDS[name]
+        if name in _UNSUBSCRIBE and not self._pinned:
+            # Not subscribed to anything: Redis confirms each argument (or one nil) with
+            # a count of 0. Answered here, so no connection is taken for it.
+            self._answer_here(decision, _unsubscribed(name, argv[1:], self.queue.proto))
+            return
+        self._pin()
         # Redis confirms each argument; without arguments, each current subscription
         # (at least one), which is only known when this entry reaches the head.
         remaining = len(argv) - 1 if len(argv) > 1 else -1
-        self._forward_tracked(argv, out, Pending(K_SUB, remaining=remaining, sub_kind=sub_kind))
+        self._forward(argv, decision.command, SUB, remaining=remaining, sub_kind=sub_kind)
 
-    def _cmd_multi(self, argv: list[bytes], out: list[bytes]) -> None:
-        if not self._decide_special(argv):
+    def _cmd_multi(self, argv: list[bytes]) -> None:
+        decision = self._allowed(argv)
+        if decision is None:
             return
-        if len(argv) == 1:
-            if not self._in_multi:
-                self._multi_dirty = False
-            self._in_multi = self._batch_multi = True
-        self._forward_raw(argv, out)
+        if len(argv) == 1 and not self._in_multi:
+            self._pin()
+            self._multi_dirty = self._multi_selected = False
+            self._multi_db = self.queue.db
+            self._in_multi = True
+            if self._batch is not None:
+                self._batch.multi = True
+        self._forward(argv, decision.command)
 
-    def _cmd_exec(self, argv: list[bytes], out: list[bytes]) -> None:
-        if not self._decide_special(argv):
+    def _cmd_exec(self, argv: list[bytes]) -> None:
+        decision = self._allowed(argv)
+        if decision is None:
             return
-        if self._in_multi and self._multi_dirty and len(argv) == 1:
+        if not self._in_multi or len(argv) != 1:
+            self._forward(argv, decision.command)  # Redis answers the error
+            return
+        self._in_multi = self._watching = False
+        after = (-1, self.queue.proto) if self._multi_selected else None
+        if self._multi_dirty:
             # A command of this transaction was refused here, so Redis never queued it:
             # discard the rest and answer as Redis does for a transaction with errors.
-            self._in_multi = self._multi_dirty = False
-            self._forward_tracked([b"DISCARD"], out, Pending(K_REPLACE, data=canned.EXECABORT))
-            return
-        if len(argv) == 1:
-            self._in_multi = self._multi_dirty = False
-        self._forward_raw(argv, out)
+            self._multi_dirty = False
+            self._forward([b"DISCARD"], decision.command, REPLACE, data=canned.EXECABORT)
+            self.queue.db = self._multi_db
+        else:
+            self._forward(argv, decision.command, EXEC, arg=self.queue.db,
+                          data=str(self._multi_db).encode())
+        self._cut(after=after)
 
-    def _cmd_discard(self, argv: list[bytes], out: list[bytes]) -> None:
-        if not self._decide_special(argv):
+    def _cmd_discard(self, argv: list[bytes]) -> None:
+        decision = self._allowed(argv)
+        if decision is None:
             return
-        if len(argv) == 1:
-            self._in_multi = self._multi_dirty = False
-        self._forward_raw(argv, out)
+        self._forward(argv, decision.command)
+        if self._in_multi and len(argv) == 1:
+            self._in_multi = self._multi_dirty = self._watching = False
+            self.queue.db = self._multi_db
+            self._cut(after=(-1, self.queue.proto) if self._multi_selected else None)
 
-    def _cmd_reset(self, argv: list[bytes], out: list[bytes]) -> None:
-        if not self._decide_special(argv):
+    def _cmd_watch(self, argv: list[bytes]) -> None:
+        decision = self._allowed(argv)
+        if decision is None:
             return
-        # RESET also logs the backend connection out: re-authenticate in the same write,
-        # so nothing a client sends can leave it with another identity.
-        self._forward_tracked(argv, out, Pending(K_RESET))
-        self._reply_mode = 0
-        self._in_multi = self._multi_dirty = False
-        auth = self.state.pool.auth
+        if not self._in_multi:
+            self._pin()
+            self._watching = True
+        keys = decision.keys
+        audited = decision.command if any(map(self.ctx.is_phi, keys)) else None
+        entry = self.queue.plain(self.counts[decision.command])
+        self._add(argv, entry, audited=audited, keys=keys)
+
+    def _cmd_unwatch(self, argv: list[bytes]) -> None:
+        decision = self._allowed(argv)
+        if decision is None:
+            return
+        if not self._in_multi:
+            self._watching = False
+        self._forward(argv, decision.command)
+
+    def _cmd_reset(self, argv: list[bytes]) -> None:
+        decision = self._allowed(argv)
+        if decision is None:
+            return
+        self._in_multi = self._multi_dirty = self._watching = self._tracking = False
+        self._flags.clear()
+        self.name = None
+        self.queue.silence = 0
+        if not self._pinned:
+            self.queue.reset_state(self.start_db)
+            self._cut()
+            self._answer_here(decision, _RESET_REPLY)
+            return
+        # RESET also logs the dedicated connection out: authenticate again in the same
+        # write, so nothing a client sends can leave it with another identity.
+        self._forward(argv, decision.command, RESET, arg=self.start_db)
+        auth = self.ctx.router.auth
         if auth is not None:
-            out.append(auth)
-            self._push_pending(Pending(K_SWALLOW))
+            self._add(auth, swallowed())
+        self.queue.db, self.queue.proto = self.start_db, 2
+        self._cut(after=(0, 2))
 
-    def _cmd_quit(self, argv: list[bytes], out: list[bytes]) -> None:
+    def _cmd_quit(self, argv: list[bytes]) -> None:
         # Answered here; the rest of the read is ignored (as Redis does), and the
         # connection ends once every earlier reply is out.
+        self.queue.silence = 0
         self._local(canned.OK)
         self._closing = True
 
-    def _cmd_client(self, argv: list[bytes], out: list[bytes]) -> None:
-        if not self._decide_special(argv):
-            return
-        if len(argv) == 3 and argv[1].lower() == b"reply":
-            mode = argv[2].lower()
-            if mode in (b"off", b"skip"):
-                # Redis sends no reply to these, nor to what they silence.
-                out.append(encode_command(argv))
-                self._reply_mode = 1 if mode == b"off" else 2
-                return
-            if mode == b"on":
-                self._reply_mode = 0
-        self._forward_raw(argv, out)
-
-    def _cmd_monitor(self, argv: list[bytes], out: list[bytes]) -> None:
-        decision = self._decide_special(argv)
+    def _cmd_client(self, argv: list[bytes]) -> None:
+        decision = self._allowed(argv)
         if decision is None:
             return
+        sub = argv[1].lower() if len(argv) > 1 else b""
+        if sub in _CLIENT_HERE:
+            if self._subscribed_refusal(argv):
+                return
+            _CLIENT_HERE[sub](self, argv, decision)
+            return
+        if sub in (b"tracking", b"no-evict", b"no-touch") and len(argv) > 2:
+            on = argv[2].lower() == b"on"
+            if sub == b"tracking":
+                self._tracking = on
+            elif on:
+                self._flags.add(sub)
+            else:
+                self._flags.discard(sub)
+            if on:
+                self._pin()
+        self._forward(argv, decision.command)
+
+    def _client_reply(self, argv: list[bytes], decision: Decision) -> None:
+        mode = argv[2].lower() if len(argv) == 3 else b""
+        if mode not in (b"on", b"off", b"skip"):
+            self._answer_here(decision, canned.error("syntax error"))
+            return
+        if mode == b"on":
+            self.queue.silence = 0
+            self._answer_here(decision, canned.OK)
+            return
+        # Redis sends no reply to these, nor to what they silence.
+        self.counts[decision.command][0] += 1
+        self.queue.silence = 1 if mode == b"off" else 2
+
+    def _client_setname(self, argv: list[bytes], decision: Decision) -> None:
+        if len(argv) != 3:
+            self._answer_here(decision, canned.error(
+                "wrong number of arguments for 'client|setname' command"))
+            return
+        problem = _name_problem(argv[2])
+        if problem:
+            self._answer_here(decision, canned.error(problem))
+            return
+        self.name = argv[2] or None
+        self._answer_here(decision, canned.OK)
+
+    def _client_getname(self, argv: list[bytes], decision: Decision) -> None:
+        name = self.name
+        self._answer_here(decision, encode_nil(self.queue.proto) if name is None
+                          else b"$%d\r\n%s\r\n" % (len(name), name))
+
+    def _client_id(self, argv: list[bytes], decision: Decision) -> None:
+        self._answer_here(decision, b":%d\r\n" % self.conn_id)
+
+    def _client_setinfo(self, argv: list[bytes], decision: Decision) -> None:
+        if len(argv) != 4:
+            self._answer_here(decision, canned.error(
+                "wrong number of arguments for 'client|setinfo' command"))
+            return
+        option = argv[2].lower()
+        if option not in (b"lib-name", b"lib-ver"):
+            self._answer_here(decision, canned.error(
+                f"Unrecognized option '{argv[2].decode('utf-8', 'replace')}'"))
+            return
+        if any(c < 0x21 or c > 0x7E for c in argv[3]):
+            self._answer_here(decision, canned.error(
+                f"{option.decode()} cannot contain spaces, newlines or special characters."))
+            return
+        self._answer_here(decision, canned.OK)
+
+    def _cmd_monitor(self, argv: list[bytes]) -> None:
+        decision = self._allowed(argv)
+        if decision is None:
+            return
+        self._pin()
+        entry = self.queue.special(MONITOR, self.counts[decision.command])
         # MONITOR shows every key and value
-        self._audit_command(decision.command, decision.keys, out)
-        self._forward_tracked(argv, out, Pending(K_MONITOR))
+        self._add(argv, entry, audited=decision.command, keys=decision.keys)
 
-    def _forward_raw(self, argv: list[bytes], out: list[bytes]) -> None:
-        out.append(encode_command(argv))
-        if self._reply_mode == 0:
-            self._pending.append(self.counts[argv[0].lower().decode("ascii", "replace")])
-        elif self._reply_mode == 2:
-            self._reply_mode = 0
-
-    # ------------------------------------------------------------------ replies
-    def backend_data(self, data: bytes) -> None:
-        transport = self.transport
-        if transport is None:
+    def _cmd_wait(self, argv: list[bytes]) -> None:
+        decision = self._allowed(argv)
+        if decision is None:
             return
-        self.bytes_out += len(data)
-        framer = self._replies
-        if self._rtt_start:
-            self._observe_rtt(time.perf_counter() - self._rtt_start)
-            self._rtt_start = 0.0
-        try:
-            if not self._special and self._frame_buf is None and not self._pubsub_context():
-                # Fast path: every reply answers a plain entry; relay the chunk as it is and
-                # count each reply as ok or error by its first byte.
-                framer.subscribed = False
-                pending = self._pending
-                continuing = not framer.at_boundary
-                first = self._frame_first
-                start = 0
-                for end, kind, _ in framer.feed(data):
-                    if start or not continuing:
-                        first = data[start]
-                    start = end
-                    if kind == REPLY:
-                        if pending:
-                            pending.popleft()[ERROR if first == 0x2D else OK] += 1
-                        else:
-                            log.warning("unexpected reply from the backend for %s", self.src)
-                if not framer.at_boundary:
-                    self._frame_streamed = True
-                    if start or not continuing:
-                        self._frame_first = data[start]
-                else:
-                    self._frame_streamed = False
-                transport.write(data)
-            else:
-                self._relay(data)
-        except ProtocolError as exc:
-            log.error("backend sent malformed RESP (%s); closing %s", exc, self.src)
-            self._abort_both()
-            return
-        if self._closing:
-            self._close_when_drained()
+        if not self._in_multi:
+            self._pin()
+            # WAIT counts the writes of the connection it runs on. The client's earlier
+            # writes ran on the shared connection (and are done: a move waits for that),
+            # so a propagated no-op first carries this connection's offset past them.
+            self._add(_WAIT_MARKER, swallowed())
+        self._forward(argv, decision.command)
 
-    def _pubsub_context(self) -> bool:
-        """Whether frames may be pub/sub traffic: subscribed, monitoring, or subscribing."""
-        subs = self._subs
-        if self._monitor or subs["channels"] or subs["patterns"] or subs["shard"]:
-            return True
-        pending = self._pending
-        return bool(pending) and type(pending[0]) is Pending and pending[0].kind == K_SUB
-
-    def _relay(self, data: bytes) -> None:
-        """General path: frame by frame, so state changes apply exactly between frames."""
-        framer = self._replies
-        out: list[bytes] = []
-        pos, size = 0, len(data)
-        while pos < size:
-            if framer.at_boundary:
-                self._frame_first = data[pos]
-                self._frame_streamed = False
-            # RESP2 pub/sub messages are plain arrays: only recognised in pub/sub context.
-            framer.subscribed = self._proto == 2 and self._pubsub_context()
-            events = framer.feed(data, pos, 1)
-            if not events:  # the rest is the start of a frame that ends in a later chunk
-                tail = data[pos:]
-                if self._frame_buf is not None:
-                    self._frame_buf.append(tail)
-                elif self._head_needs_whole_frame():
-                    self._frame_buf = [tail]
-                else:
-                    out.append(tail)
-                    self._frame_streamed = True
-                break
-            end, kind, confirm = events[0]
-            chunk = data[pos:end]
-            pos = end
-            if self._frame_buf is not None:
-                self._frame_buf.append(chunk)
-                chunk = b"".join(self._frame_buf)
-                self._frame_buf = None
-                whole = True
-            else:
-                whole = not self._frame_streamed
-            self._frame_streamed = False
-            self._on_frame(kind, confirm, chunk, whole, out)
-        if out and self.transport is not None:
-            self.transport.write(b"".join(out))
-
-    def _on_frame(self, kind: int, confirm: SubConfirm | None, chunk: bytes, whole: bool,
-                  out: list[bytes]) -> None:
-        if self._monitor or kind == PUSH:
-            out.append(chunk)
-            return
-        pending = self._pending
-        self._release_locals(out)
-        if not pending:
-            log.warning("unexpected reply from the backend for %s; relayed", self.src)
-            out.append(chunk)
-            return
-        head = pending[0]
-        if type(head) is list:
-            out.append(chunk)
-            pending.popleft()[ERROR if self._frame_first == 0x2D else OK] += 1
-        else:
-            self._reply_to_entry(head, kind, confirm, chunk, whole, out)
-        self._release_locals(out)
-
-    def _head_needs_whole_frame(self) -> bool:
-        """Whether the frame now arriving must be held until complete (filter/swallow)."""
-        if self._monitor or not self._pending:
-            return False
-        head = self._pending[0]
-        return isinstance(head, Pending) and head.kind in (K_FILTER, K_SWALLOW, K_REPLACE)
-
-    def _release_locals(self, out: list[bytes]) -> None:
-        pending = self._pending
-        while pending and type(pending[0]) is bytes:
-            out.append(pending.popleft())
-            self._special -= 1
-
-    def _pop_special(self) -> None:
-        """The head Pending entry got its whole answer: drop it and count it once."""
-        entry = self._pending.popleft()
-        self._special -= 1
-        if entry.slot is not None:
-            entry.slot[ERROR if self._frame_first == 0x2D else OK] += 1
-
-    def _reply_to_entry(self, entry: Pending, kind: int, confirm: SubConfirm | None,
-                        chunk: bytes, whole: bool, out: list[bytes]) -> None:
-        is_error = self._frame_first == 0x2D  # '-'
-        k = entry.kind
-        if k == K_SUB:
-            out.append(chunk)
-            if kind == SUB_CONFIRM and confirm is not None:
-                if entry.remaining < 0:
-                    # Argument-less UNSUBSCRIBE: one confirmation per current subscription
-                    # of its kind, or one (nil channel) when there is none.
-                    entry.remaining = max(1, len(self._subs[entry.sub_kind]))
-                self._track_confirmation(confirm)
-                entry.remaining -= 1
-                if entry.remaining == 0:
-                    self._pop_special()
-            else:  # an error or +QUEUED answers the whole command
-                self._pop_special()
-            return
-        self._pop_special()
-        if k == K_FILTER:
-            out.append(entry.filter(chunk) if whole and not is_error else chunk)
-        elif k == K_SWALLOW:
-            if is_error:
-                log.error("backend refused the proxy's AUTH after RESET; closing %s", self.src)
-                self._closing = True
-        elif k == K_REPLACE:
-            out.append(entry.data)
-        else:
-            out.append(chunk)
-            if is_error:
-                if k == K_SELECT:
-                    self._audit_db = self._db  # Redis refused it: still where we were
-                return
-            if k == K_HELLO:
-                self._proto = entry.arg
-            elif k == K_SELECT:
-                self._db = entry.arg
-            elif k == K_RESET:
-                self._proto, self._db, self._audit_db, self._monitor = 2, 0, 0, False
-                for subs in self._subs.values():
-                    subs.clear()
-            elif k == K_MONITOR:
-                self._monitor = True
-
-    def _track_confirmation(self, confirm: SubConfirm) -> None:
-        if confirm.channel is None:
-            return
-        subs = self._subs[SUB_NAMES[confirm.name.lower()]]
-        if confirm.name.lower().endswith(b"unsubscribe"):
-            subs.discard(confirm.channel)
-        else:
-            subs.add(confirm.channel)
-
-    # ------------------------------------------------------------------ backend lifecycle
-    def _connect_backend(self) -> None:
-        if self.backend is not None or self._connecting is not None:
-            return
-        self._connecting = asyncio.get_running_loop().create_task(self._acquire_backend())
-
-    async def _acquire_backend(self) -> None:
-        try:
-            backend = await self.state.pool.acquire()
-        except BackendUnavailable:
-            self._connecting = None
-            self._early.clear()
-            self._fail_pending()
-            self._resume_client("backend-connect")
-            return
-        start_db = self._start_db()
-        if start_db:
-            # A role without database 0 starts in its first allowed database, confirmed
-            # before any command of the client's: Redis would put every client in db 0.
-            try:
-                reply = await backend.request(
-                    encode_command([b"SELECT", str(start_db).encode()]),
-                    self.state.config.backend.connect_timeout_s)
-            except (BackendUnavailable, TimeoutError) as exc:
-                reply = exc
-            if reply != b"OK":
-                log.error("backend refused SELECT %d for role %s: %s; closing %s",
-                          start_db, self.role_name, reply, self.src)
-                backend.close()
-                self._connecting = None
-                self._early.clear()
-                self._fail_pending()
-                self._closing = True
-                if self.transport is not None:
-                    self.transport.close()
-                return
-            self._db = self._audit_db = start_db
-        self._connecting = None
-        if self._closing and self.transport is None:
-            backend.close()
-            return
-        self.backend = backend
-        backend.attach(self)
-        if self._early:
-            backend.write(b"".join(self._early))
-            self._early.clear()
-        self._resume_client("backend-connect")
-
-    def _start_db(self) -> int:
-        dbs = getattr(self.role, "dbs", None)
-        return min(dbs) if dbs and 0 not in dbs else 0
-
-    def _fail_pending(self) -> None:
-        """Answer every request still owed a reply with `backend unavailable`, in order."""
-        out: list[bytes] = []
-        while self._pending:
-            entry = self._pending.popleft()
-            if type(entry) is bytes:
-                out.append(entry)
-            elif type(entry) is list:
-                entry[ERROR] += 1
-                out.append(canned.BACKEND_UNAVAILABLE)
-            elif entry.kind != K_SWALLOW:
-                out.append(canned.BACKEND_UNAVAILABLE)
-        self._special = 0
-        self._frame_buf = None
-        self._frame_streamed = False
-        if out and self.transport is not None:
-            self.transport.write(b"".join(out))
-
-    def backend_lost(self, exc: Exception | None) -> None:
-        self.backend = None
-        if self.transport is None or self.transport.is_closing():
-            return
-        if self._closing:
-            self._close_when_drained(force=True)
-            return
-        log.warning("backend connection of %s lost%s", self.src, f": {exc}" if exc else "")
-        self.state.backend_lost(self)
-        # The backend's connection state (db, MULTI, subscriptions) is gone with it: answer
-        # what is owed, then close, rather than silently continue on a fresh connection.
-        self._fail_pending()
-        self._closing = True
-        self.transport.close()
-
-    def backend_pause_writing(self) -> None:
-        self._pause_client("backend-write")
-
-    def backend_resume_writing(self) -> None:
-        self._resume_client("backend-write")
-
-    # ------------------------------------------------------------------ helpers
-    def _pause_client(self, reason: str) -> None:
-        if not self._client_paused_reasons and self.transport is not None:
+    # ------------------------------------------------------------------ lifecycle
+    def _pause(self, reason: str) -> None:
+        if not self._paused_reasons and self.transport is not None:
             self.transport.pause_reading()
-        self._client_paused_reasons.add(reason)
+        self._paused_reasons.add(reason)
 
-    def _resume_client(self, reason: str) -> None:
-        self._client_paused_reasons.discard(reason)
-        if not self._client_paused_reasons and self.transport is not None and \
+    def _resume(self, reason: str) -> None:
+        self._paused_reasons.discard(reason)
+        if not self._paused_reasons and self.transport is not None and \
                 not self.transport.is_closing():
             self.transport.resume_reading()
 
     def _protocol_error(self, message: str) -> None:
-        self.state.events.protocol_error(self.src, message)
+        self.ctx.hooks.protocol_error(self.src, message)
         # Nothing of this read reaches the backend, not even the well-formed commands
         # before the bad one (SPEC §7; Redis would run them): a client that sends garbage
         # is not trusted with the rest. Replies owed for earlier reads still go out first.
         self._closing = self._stop_reading = True
-        self._framer = None  # type: ignore[assignment]
-        self._reply_mode = 0  # Redis sends protocol errors even with CLIENT REPLY OFF
+        self._framer = None
+        self.queue.silence = 0  # Redis sends protocol errors even with CLIENT REPLY OFF
         self._local(canned.protocol_error(message))
         self._close_when_drained()
 
     def _close_when_drained(self, force: bool = False) -> None:
-        if self.transport is None or self.transport.is_closing():
+        transport = self.transport
+        if transport is None or transport.is_closing():
             return
         if self._queued and not force:
             return  # reads not decided yet (finish_queued comes back here once they are)
-        if force or not self._pending:
-            if self._pending:
-                self._fail_pending()
-            self.transport.close()
+        if force or not self.queue.entries:
+            if self.queue.entries:
+                out: list[bytes] = []
+                self.queue.fail_all(out)
+                self._write(out)
+            transport.close()
             return
         if self._shutting_down:
             return  # the server's drain deadline bounds the wait
-        # Bound the wait for owed replies.
         asyncio.get_running_loop().call_later(
-            self.state.drain_timeout_s, self._close_when_drained, True)
+            self.ctx.drain_timeout_s, self._close_when_drained, True)
 
     def abort(self) -> None:
-        """Drop the connection at once (nothing of it is forwarded any more)."""
+        """Drop the connection at once (nothing of it is sent any more)."""
         self._closing = self._stop_reading = True
         self._queued.clear()
-        self._abort_both()
-
-    def _abort_both(self) -> None:
-        if self.backend is not None:
-            self.backend.user = None
-            self.backend.abort()
-            self.backend = None
+        conn, self._dedicated = self._dedicated, None
+        if conn is not None:
+            conn.owner = None
+            self.ctx.router.give_back(conn, reusable=False)
         if self.transport is not None:
             self.transport.abort()
 
     def _schedule_idle_check(self) -> None:
-        timeout = self.state.config.listener.idle_timeout_s
+        timeout = self.ctx.idle_timeout_s
         if timeout > 0:
             self._idle_handle = asyncio.get_running_loop().call_later(timeout, self._idle_check)
 
     def _idle_check(self) -> None:
-        timeout = self.state.config.listener.idle_timeout_s
+        timeout = self.ctx.idle_timeout_s
         idle_for = time.monotonic() - self._last_activity
         # Like Redis's `timeout`: blocked, subscribed and monitoring clients are not idle.
-        busy = self._pending or self._pubsub_context()
-        if idle_for >= timeout and not busy and self.transport is not None:
+        busy = self.queue.entries or self.queue.pubsub
+        if timeout > 0 and idle_for >= timeout and not busy and self.transport is not None:
             log.info("closing idle connection from %s after %.0f s", self.src, idle_for)
             self._closing = True
             self.transport.close()
             return
+        if timeout <= 0:
+            return
         delay = timeout - idle_for if idle_for < timeout else timeout
         self._idle_handle = asyncio.get_running_loop().call_later(delay, self._idle_check)
 
-    def set_role(self, role_name: str, role: Any, decide: Any, counts: CommandCounts) -> None:
+    def set_role(self, role_name: str, role: Any, decide: Any, counts: CommandCounts,
+                 audit_conn: Any) -> None:
         """Reload: the new role's rules apply from the next command on."""
-        if role_name != self.role_name:
-            self._audit_conn = self.state.audit.records.connection(
-                self.conn_id, self.src, self.identity, role_name)
         self.role_name, self.role, self._decide, self.counts = role_name, role, decide, counts
+        self.audit_conn = audit_conn
 
     def close_for(self, reason: str) -> None:
         """Close now (reload found the certificate or mapping no longer valid)."""
@@ -973,11 +1015,27 @@ class Session(asyncio.Protocol):
         """Shutdown: stop reading; close once owed replies are out (the server bounds it)."""
         self._shutting_down = True
         self._closing = True
-        self._pause_client("shutdown")
+        self._pause("shutdown")
         self._close_when_drained()
 
 
-_SPECIAL: dict[bytes, Callable[[Session, list[bytes], list[bytes]], None]] = {
+def _name_problem(name: bytes) -> str:
+    """Redis's check on CLIENT SETNAME / HELLO SETNAME names ('' is no problem)."""
+    if any(c < 0x21 or c > 0x7E for c in name):
+        return "Client names cannot contain spaces, newlines or special characters."
+    return ""
+
+
+def _unsubscribed(name: bytes, channels: list[bytes], proto: int) -> bytes:
+    """Redis's confirmations of an UNSUBSCRIBE-family command with no subscriptions."""
+    head = b">3\r\n" if proto == 3 else b"*3\r\n"
+    kind = b"$%d\r\n%s\r\n" % (len(name), name)
+    if not channels:
+        return head + kind + encode_nil(proto) + b":0\r\n"
+    return b"".join(head + kind + b"$%d\r\n%s\r\n:0\r\n" % (len(c), c) for c in channels)
+
+
+_SPECIAL: dict[bytes, Callable[[Session, list[bytes]], None]] = {
     b"auth": Session._cmd_auth,
     b"hello": Session._cmd_hello,
     b"select": Session._cmd_select,
@@ -990,8 +1048,20 @@ _SPECIAL: dict[bytes, Callable[[Session, list[bytes], list[bytes]], None]] = {
     b"multi": Session._cmd_multi,
     b"exec": Session._cmd_exec,
     b"discard": Session._cmd_discard,
+    b"watch": Session._cmd_watch,
+    b"unwatch": Session._cmd_unwatch,
     b"reset": Session._cmd_reset,
     b"quit": Session._cmd_quit,
     b"client": Session._cmd_client,
     b"monitor": Session._cmd_monitor,
+    b"wait": Session._cmd_wait,
+    b"waitaof": Session._cmd_wait,
+}
+
+_CLIENT_HERE: dict[bytes, Callable[[Session, list[bytes], Decision], None]] = {
+    b"reply": Session._client_reply,
+    b"setname": Session._client_setname,
+    b"getname": Session._client_getname,
+    b"id": Session._client_id,
+    b"setinfo": Session._client_setinfo,
 }
