@@ -92,12 +92,14 @@ def _print_problems(problems: list[str]) -> None:
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     try:
+        from proxy.config import backend_node
+
         config, _, roles = load_everything(args.config)
     except ConfigError as exc:
         _print_problems(exc.problems)
         return EXIT_USAGE
     print(f"{config.path}: OK: listener {config.listener.address}:{config.listener.port}, "
-          f"backend {config.backend.address}:{config.backend.port}, "
+          f"backend {backend_node(config.backend)}, "
           f"{len(roles)} roles, {len(config.identities)} identity rules")
     return EXIT_OK
 

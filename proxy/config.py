@@ -57,12 +57,12 @@ class ListenerConfig:
 
 @dataclass(frozen=True)
 class BackendConfig:
-    address: str
-    port: int
-    ca: Path
+    address: str  # "" with unix_socket
+    port: int  # 0 with unix_socket
+    ca: Path | None  # None with unix_socket: no TLS on a local socket
     server_name: str
-    cert: Path
-    key: Path
+    cert: Path | None
+    key: Path | None
     username: str | None = None
     password_file: Path | None = None
     password: bytes | None = field(default=None, repr=False)  # read from password_file at load
@@ -71,6 +71,12 @@ class BackendConfig:
     learn_commands: bool = False
     mode: str = "standalone"
     shared_connections: int = 2  # pipelined connections shared by stateless clients
+    unix_socket: Path | None = None  # a co-located Redis with no network listener
+
+
+def backend_node(cfg: BackendConfig) -> str:
+    """Where the backend is, for messages: host:port, or the unix socket's path."""
+    return str(cfg.unix_socket) if cfg.unix_socket is not None else f"{cfg.address}:{cfg.port}"
 
 
 @dataclass(frozen=True)
@@ -564,7 +570,10 @@ def _backend(p: _Problems, data: dict[str, Any]) -> BackendConfig | None:
     if t is None:
         return None
     d = BackendConfig
-    address = t.string("address", required=True, example='"127.0.0.1"', empty_ok=False)
+    unix_socket = _unix_socket(t)
+    network = unix_socket is None  # TCP + TLS (the default), or a local socket
+    address = t.string("address", "" if not network else None, required=network,
+                       example='"127.0.0.1"', empty_ok=False)
     if address and not _HOSTNAME.fullmatch(address) and not _is_ip(address):
         t.fault("address", 'must be an IP address or a host name, e.g. address = "127.0.0.1"')
     elif address and _is_ip(address) and ipaddress.ip_address(address).is_unspecified:
@@ -572,12 +581,13 @@ def _backend(p: _Problems, data: dict[str, Any]) -> BackendConfig | None:
     password_file = t.file("password_file", secret=True)
     return BackendConfig(
         address=address,
-        port=t.port("port", 6379, required=True),
-        ca=t.file("ca", required=True),
+        port=t.port("port", 6379, required=True) if network else 0,
+        ca=t.file("ca", required=network),
         # the certificate is always verified: against the address when no name is given
         server_name=t.string("server_name", address, example='"localhost"', empty_ok=False),
-        cert=t.file("cert", required=True),
-        key=t.file("key", required=True, secret=True),
+        cert=t.file("cert", required=network),
+        key=t.file("key", required=network, secret=True),
+        unix_socket=unix_socket,
         username=t.string("username", example='"phiproxy"', empty_ok=False),
         password_file=password_file,
         password=_password(t, password_file),
@@ -587,6 +597,23 @@ def _backend(p: _Problems, data: dict[str, Any]) -> BackendConfig | None:
         mode=_backend_mode(t),
         shared_connections=t.integer("shared_connections", d.shared_connections, 1, 64),
     )
+
+
+def _unix_socket(t: _Table) -> Path | None:
+    """`[backend] unix_socket`: instead of address/port (and then no TLS: the socket never
+    leaves the host)."""
+    raw = t.string("unix_socket", example='"/run/redis/redis.sock"', empty_ok=False)
+    if raw is None:
+        return None
+    path = _resolve(t.p.base, raw)
+    both = [key for key in ("address", "port") if key in t.data]
+    if both:
+        t.fault("unix_socket", f"give either unix_socket or address/port, not both "
+                               f"(remove {' and '.join(both)})")
+    if path.exists() and not stat.S_ISSOCK(path.stat().st_mode):
+        t.fault("unix_socket", f"{path} is not a socket; give the path of Redis's "
+                               "unixsocket")
+    return path
 
 
 def _backend_mode(t: _Table) -> str:
@@ -815,7 +842,7 @@ def _cross_checks(p: _Problems, listener: ListenerConfig, backend: BackendConfig
     if metrics.port and _same_socket(here, (metrics.address, metrics.port)):
         p.add(f"[metrics] port = {metrics.port}: the listener already uses this port; "
               "choose another one (or 0 to turn metrics off)")
-    if _same_socket(here, (backend.address, backend.port)):
+    if backend.unix_socket is None and _same_socket(here, (backend.address, backend.port)):
         p.add(f"[backend] port = {backend.port}: that is the proxy's own listener, the "
               "proxy would connect to itself; give the backend Redis address and port")
 

@@ -42,6 +42,8 @@ def expiry_warnings(config: Config, now: datetime | None = None) -> list[str]:
                         ("[listener] client_ca", config.listener.client_ca),
                         ("[backend] cert", config.backend.cert),
                         ("[backend] ca", config.backend.ca)):
+        if path is None:  # a unix-socket backend has no TLS material
+            continue
         try:
             certs = x509.load_pem_x509_certificates(Path(path).read_bytes())
         except (OSError, ValueError):

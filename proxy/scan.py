@@ -315,6 +315,9 @@ def _yes(s: Scan, name: str, why: str = "") -> Result:
 
 def _tls_only(s: Scan) -> Result:
     c = s.conf("port", "tls-port")
+    if s.config.backend.unix_socket is not None and c["port"] == "0" and c["tls-port"] == "0":
+        return Result(PASS, "port 0, tls-port 0: unix socket only",
+                      "no network listener at all: nothing leaves the host")
     ok = c["port"] == "0" and c["tls-port"] != "0"
     return Result(PASS if ok else FAIL, f"port {c['port']}, tls-port {c['tls-port']}",
                   "" if ok else "a plaintext port carries credentials and PHI unencrypted")
@@ -380,6 +383,9 @@ def _tls_cluster(s: Scan) -> Result:
 
 def _backend_link(s: Scan) -> Result:
     ev, cfg = s.ev, s.config.backend
+    if cfg.unix_socket is not None:
+        return Result(PASS, f"unix socket {cfg.unix_socket}",
+                      "the proxy and Redis share the host: no network hop to protect")
     ok = ev.tls_version in ("TLSv1.2", "TLSv1.3")
     return Result(PASS if ok else FAIL,
                   f"{ev.tls_version} {ev.tls_cipher}; certificate verified against "
@@ -514,7 +520,7 @@ def _local_redis_pid(s: Scan, directory: str) -> int:
     """The backend's process id when it provably runs on this host; Unknown otherwise."""
     there = (f"on the Redis host: stat -c '%a %U' {directory}; it should be 0700 (0750 at "
              "most) and owned by the user Redis runs as")
-    if not _is_loopback(s.config.backend.address):
+    if s.config.backend.unix_socket is None and not _is_loopback(s.config.backend.address):
         raise Unknown(f"dir {directory}: the backend ({s.config.backend.address}) is not on "
                       "this host", fix=there)
     if s.ev.info is None:
@@ -841,6 +847,7 @@ def _error(message: str) -> int:
 
 def cmd_scan_backend(args: argparse.Namespace) -> int:
     from proxy.backend import BackendUnavailable
+    from proxy.config import backend_node
     from proxy.startup import load_policy_or_report
     from proxy.tls import TLSConfigError
 
@@ -855,7 +862,7 @@ def cmd_scan_backend(args: argparse.Namespace) -> int:
     except TLSConfigError as exc:
         return _error(f"{config.path}: {exc}")
     except BackendUnavailable as exc:
-        return _error(f"{config.path}: [backend] cannot scan {cfg.address}:{cfg.port}: {exc}; "
+        return _error(f"{config.path}: [backend] cannot scan {backend_node(cfg)}: {exc}; "
                       "check that Redis listens there with TLS and accepts the proxy's "
                       "certificate and credentials")
     findings = run_controls(Scan(config, ev, roles, decide))

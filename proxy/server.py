@@ -20,7 +20,7 @@ from typing import Any
 from proxy import __version__
 from proxy.audit.writer import AuditWriter
 from proxy.backend import BackendUnavailable, make_router
-from proxy.config import Config
+from proxy.config import Config, backend_node
 from proxy.events import Events
 from proxy.gate import AuditGate
 from proxy.identity import Identity, identity_from_der, map_role
@@ -480,9 +480,8 @@ async def serve(state: ServerState, *, ready: Callable[[], None] | None = None) 
     state.router.start()
     acceptor = Acceptor(state, listen_socket(cfg.address, cfg.port, state.reuse_port))
     acceptor.start()
-    log.info("phiproxy listening on %s:%s (mutual TLS, min %s), backend %s:%s",
-             cfg.address, cfg.port, cfg.min_tls, state.config.backend.address,
-             state.config.backend.port)
+    log.info("phiproxy listening on %s:%s (mutual TLS, min %s), backend %s",
+             cfg.address, cfg.port, cfg.min_tls, backend_node(state.config.backend))
     if ready is not None:
         ready()
     await stop.wait()

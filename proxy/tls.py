@@ -67,8 +67,11 @@ def listener_context(cfg: ListenerConfig) -> ssl.SSLContext:
     return ctx
 
 
-def backend_context(cfg: BackendConfig) -> ssl.SSLContext:
-    """The SSLContext for the proxy's own connections to the backend Redis."""
+def backend_context(cfg: BackendConfig) -> ssl.SSLContext | None:
+    """The SSLContext for the proxy's own connections to the backend Redis (None for a
+    unix socket: it never leaves the host)."""
+    if cfg.unix_socket is not None or cfg.ca is None or cfg.cert is None or cfg.key is None:
+        return None
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # check_hostname and CERT_REQUIRED on
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.set_ciphers(TLS12_CIPHERS)

@@ -396,7 +396,7 @@ async def open_connection(cfg: BackendConfig, ssl_context: ssl.SSLContext | None
     """A new connection to the configured standalone node, authenticated;
     BackendUnavailable if that fails."""
     loop = asyncio.get_running_loop()
-    unix_socket = getattr(cfg, "unix_socket", None)
+    unix_socket = cfg.unix_socket
     node = str(unix_socket) if unix_socket else f"{cfg.address}:{cfg.port}"
     try:
         if unix_socket:

@@ -173,7 +173,7 @@ class NodeLink:
 
     @property
     def node(self) -> str:
-        unix_socket = getattr(self.cfg, "unix_socket", None)
+        unix_socket = self.cfg.unix_socket
         return str(unix_socket) if unix_socket else f"{self.cfg.address}:{self.cfg.port}"
 
     # ------------------------------------------------------------ connections
