@@ -15,13 +15,16 @@ best of `--repeat` runs; commands/s and ns per command are printed per stage:
   + audit record       PHI key match and the record body (`ConnectionRecords.command`)
   + chain              the HMAC-SHA256 chain over each record (`Chain.seal`): a complete,
                        verifiable audit line per command
-  session, request     the real `Session.data_received` with a null backend: everything
-                       above plus the audit file write and head update (a real file in a
-                       temp dir), re-encoding and the forward write. No event loop runs
-                       here, so every read gets its own write and head update; the proxy
-                       shares one write-ahead among all reads of a loop iteration
-  session, round trip  request plus the backend's replies relayed to the client
-                       (`Session.backend_data`, the reply framer and per-reply metrics)
+  session, request     the production path with a null backend connection: the real
+                       `Session.data_received`, then the audit gate's end-of-iteration
+                       step (`AuditGate.flush`: decide, the audit file write and head
+                       update in a real file in a temp dir, release) and the shared
+                       backend connection's write (`Router.flush`). One read per
+                       iteration here; under load the proxy shares one write-ahead and
+                       one backend write among every client read of an iteration
+  session, round trip  request plus the backend's replies handed back to the client by
+                       the shared connection (`BackendConnection.data_received`: the reply
+                       framer, per-client demultiplexing, per-reply metrics)
 
 The stages are the same functions the proxy runs (nothing re-implemented here), so a
 change to the hot path shows up in these numbers.
@@ -30,6 +33,7 @@ change to the hot path shows up in these numbers.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import random
@@ -50,6 +54,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from bench_config import KEYSPACE, config_text  # noqa: E402
 
 from proxy.audit.chain import Chain  # noqa: E402
+from proxy.backend.connection import BackendConnection  # noqa: E402
 from proxy.certs import write_dev_pki  # noqa: E402
 from proxy.identity import Identity  # noqa: E402
 from proxy.resp.request import RequestFramer, encode_command  # noqa: E402
@@ -85,7 +90,7 @@ def batches(kind: str, count: int, pipeline: int = PIPELINE,
 
 
 class NullTransport:
-    """Where the session's writes go: counted, dropped."""
+    """Where the session's (or the backend connection's) writes go: counted, dropped."""
 
     def __init__(self) -> None:
         self.written = 0
@@ -96,18 +101,14 @@ class NullTransport:
     def is_closing(self) -> bool:
         return False
 
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return default
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
     def pause_reading(self) -> None: ...
     def resume_reading(self) -> None: ...
-
-
-class NullBackend:
-    closed = False
-
-    def __init__(self) -> None:
-        self.transport = NullTransport()
-
-    def write(self, data: bytes) -> None:
-        self.transport.write(data)
 
 
 def make_config(work: Path) -> Path:
@@ -141,14 +142,20 @@ class Bench:
         self.records = self.state.audit.records.connection(1, "127.0.0.1:50000", self.identity,
                                                            "bench")
 
-    def session(self) -> tuple[Session, NullTransport]:
+    def session(self) -> tuple[Session, NullTransport, BackendConnection]:
+        """A client session on the router's first shared connection, whose transport is
+        a null one (the production classes otherwise)."""
         counts = self.state.metrics.command_counter("bench", "subject_cn=bench-client")
-        session = Session(self.state, "127.0.0.1:50000", self.identity, "bench", self.role,
-                          counts)
+        conn = BackendConnection("bench")
+        conn.connection_made(NullTransport())  # type: ignore[arg-type]
+        for pipeline in self.state.router.link.pipelines:
+            pipeline._attach(conn)  # whichever the router hands the session
+        self.state.session_context.deferred = True  # as in `serve`: batched per iteration
+        session = Session(self.state.session_context, 1, self.records, "127.0.0.1:50000",
+                          self.identity, "bench", self.role, self.decide, counts)
         client = NullTransport()
-        session.transport = client  # type: ignore[assignment]
-        session.backend = NullBackend()  # type: ignore[assignment]
-        return session, client
+        session.connection_made(client)  # type: ignore[arg-type]
+        return session, client, conn
 
     # --- stages: each returns the number of commands it handled
     def hiredis(self, data: list[tuple[bytes, bytes]]) -> int:
@@ -205,20 +212,26 @@ class Bench:
         return self._records(data, seal)
 
     def session_request(self, data: list[tuple[bytes, bytes]]) -> int:
-        session, _ = self.session()
+        session, _, conn = self.session()
         before = session.commands
+        end_of_iteration = self.state.gate.flush
         for request, _ in data:
             session.data_received(request)
-            session._pending.clear()  # no replies in this stage
+            end_of_iteration()
+            conn.fifo.clear()  # no replies in this stage
+            session.queue.entries.clear()
+            session.queue.in_flight = 0
         return session.commands - before
 
     def session_round_trip(self, data: list[tuple[bytes, bytes]]) -> int:
-        session, client = self.session()
+        session, client, conn = self.session()
         before = session.commands
+        end_of_iteration = self.state.gate.flush
         for request, reply in data:
             session.data_received(request)
-            session.backend_data(reply)
-        assert not session._pending and client.written > 0
+            end_of_iteration()
+            conn.data_received(reply)
+        assert not session.queue.entries and client.written > 0
         return session.commands - before
 
 
@@ -239,6 +252,12 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args()
+    asyncio.run(run(args))
+
+
+async def run(args: argparse.Namespace) -> None:
+    """Inside a running loop (sessions schedule timers), but nothing awaits: each stage
+    runs its end-of-iteration step itself."""
     results: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory(prefix="phiproxy-hotpath-") as tmp:
         bench = Bench(Path(tmp))
