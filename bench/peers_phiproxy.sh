@@ -38,6 +38,14 @@ if [[ ${1:-} == serve ]]; then   # EXTRA_CMD: write the config from BENCH_* and 
   exec "$VENV_BIN/phiproxy" run -c "$BENCH_DIR/phiproxy.toml"
 fi
 
+source "$ROOT/scripts/bootstrap.sh"   # venv and redis; the peers below when missing
+peer_missing=()
+command -v haproxy >/dev/null || peer_missing+=(haproxy)
+command -v stunnel4 >/dev/null || command -v stunnel >/dev/null || peer_missing+=(stunnel4)
+command -v nutcracker >/dev/null || peer_missing+=(nutcracker)
+if [ ${#peer_missing[@]} -gt 0 ]; then apt_install "${peer_missing[@]}"; fi
+set +e
+
 PEERS=${PEERS:-$(dirname "$SELF")/../../shared/bench/peers.sh}
 [[ -f $PEERS ]] || { echo "peers.sh not found at $PEERS (set PEERS=...)" >&2; exit 1; }
 BASE_PORT=${BASE_PORT:-47380}

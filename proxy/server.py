@@ -432,9 +432,11 @@ async def learn_backend_commands(state: ServerState) -> None:
     if not isinstance(reply, list):
         log.warning("learn_commands: COMMAND was refused (%s); using the shipped table", reply)
         return
-    table = default_table()
+    # A copy: default_table() is cached and shared (other states, tests, explain).
+    table = default_table().copy()
     added = extend_from_command_reply(table, reply)
     state.roles = compile_roles(state.config.roles, table)
+    state.metrics.add_commands(added)
     log.info("learn_commands: %d commands learned from the backend%s", len(added),
              f": {', '.join(added[:20])}" if added else "")
 

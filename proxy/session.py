@@ -37,6 +37,7 @@ from proxy.gate import AuditGate, Batch, take_back
 from proxy.identity import Identity
 from proxy.metrics import CommandCounts
 from proxy.policy.decision import Decision
+from proxy.policy.errors import noperm_unfilterable_in_multi
 from proxy.replies import (
     DENIED,
     EXEC,
@@ -615,9 +616,7 @@ class Session(asyncio.Protocol):
             self._refuse(Decision(
                 allowed=False, command=decision.command, extra="keyspace",
                 reason=f"keyspace: '{decision.command}' inside MULTI cannot be filtered",
-                error=canned.error(
-                    f"phiproxy: '{decision.command}' cannot be filtered inside MULTI; "
-                    "run it outside the transaction", prefix="NOPERM")))
+                error=noperm_unfilterable_in_multi(decision.command)))
             return
         entry = self.queue.special(FILTER, self.counts[decision.command],
                                    filter=decision.reply_filter)

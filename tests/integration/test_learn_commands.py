@@ -62,8 +62,6 @@ async def test_a_reload_keeps_the_learned_commands(
     assert decide(state.roles["writer"], [b"GETDEL", b"app:k"]).allowed
 
 
-@pytest.mark.xfail(reason="until learn_backend_commands extends default_table().copy() and "
-                          "calls state.metrics.add_commands(added)", strict=False)
 async def test_learning_leaves_the_shared_table_alone_and_counts_by_name(
         pki: PKI, backend: RedisServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     shipped = table_without_getdel()  # stands for the cached default_table()
