@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from proxy import __version__
+from proxy import __version__, heap
 from proxy.audit.writer import AuditWriter
 from proxy.backend import BackendUnavailable, make_router
 from proxy.config import Config, backend_node
@@ -480,6 +480,7 @@ async def serve(state: ServerState, *, ready: Callable[[], None] | None = None) 
     if state.config.backend.learn_commands:
         await learn_backend_commands(state)
     state.router.start()
+    log.debug("heap settled in %.1f ms", heap.settle() * 1000)
     acceptor = Acceptor(state, listen_socket(cfg.address, cfg.port, state.reuse_port))
     acceptor.start()
     log.info("phiproxy listening on %s:%s (mutual TLS, min %s), backend %s",
