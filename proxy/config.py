@@ -95,6 +95,8 @@ class AuditConfig:
     # chain head for "-" and syslog (a file trail keeps its own next to it, <path>.head):
     # with it the chain continues across restarts instead of starting again at seq 1
     head_file: str | None = None
+    # "no" | "everysec" | "always", as Redis's appendfsync (file trails; SPEC §3)
+    fsync: str = "everysec"
 
 
 @dataclass(frozen=True)
@@ -705,7 +707,30 @@ def _audit(p: _Problems, data: dict[str, Any]) -> AuditConfig:
         syslog_facility=facility,
         syslog_buffer_bytes=t.integer("syslog_buffer_bytes", d.syslog_buffer_bytes, 64 * 1024),
         head_file=head_file,
+        fsync=_audit_fsync(t, path),
     )
+
+
+AUDIT_FSYNC = ("no", "everysec", "always")
+
+
+def _audit_fsync(t: _Table, path: str) -> str:
+    """`[audit] fsync`: as Redis's appendfsync. "always" promises that a command's record is
+    on disk before the command runs; stdout and a syslog collector have nothing to sync
+    here (their durability is the reader's), so that promise is refused for them."""
+    value = t.string("fsync", AuditConfig.fsync, example='"everysec"', empty_ok=False)
+    if value is None:  # not a string: already reported
+        return AuditConfig.fsync
+    if value not in AUDIT_FSYNC:
+        t.fault("fsync", 'must be "no", "everysec" or "always" (as Redis\'s appendfsync); '
+                         'e.g. fsync = "everysec"')
+        return AuditConfig.fsync
+    if value == "always" and (path == "-" or is_syslog(path)):
+        t.fault("fsync", f'"always" needs a file trail; path = "{path}" has nothing the proxy '
+                         "can fsync (the collector's own durability applies): use a file "
+                         'path, or fsync = "no"')
+        return "no"
+    return value
 
 
 def _metrics(p: _Problems, data: dict[str, Any]) -> MetricsConfig:
