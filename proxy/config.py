@@ -72,6 +72,7 @@ class BackendConfig:
     mode: str = "standalone"
     shared_connections: int = 2  # pipelined connections shared by stateless clients
     unix_socket: Path | None = None  # a co-located Redis with no network listener
+    health_interval_s: float = 2.0  # every node checked this often, traffic or not
 
 
 def backend_node(cfg: BackendConfig) -> str:
@@ -598,7 +599,19 @@ def _backend(p: _Problems, data: dict[str, Any]) -> BackendConfig | None:
         learn_commands=t.boolean("learn_commands", d.learn_commands),
         mode=_backend_mode(t),
         shared_connections=t.integer("shared_connections", d.shared_connections, 1, 64),
+        health_interval_s=_health_interval(t, d.health_interval_s),
     )
+
+
+def _health_interval(t: _Table, default: float) -> float:
+    """`[backend] health_interval_s`: at least 0.1 s (a PING to every node each half
+    interval; below that the checks would be traffic of their own)."""
+    value = t.seconds("health_interval_s", default, zero_ok=False)
+    if value < 0.1:
+        t.fault("health_interval_s", f"must be 0.1 or more; e.g. health_interval_s = "
+                                     f"{default:g}")
+        return default
+    return value
 
 
 def _unix_socket(t: _Table) -> Path | None:

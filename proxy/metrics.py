@@ -487,8 +487,8 @@ class _Collector:
             up, idle = m._backend_probe()
         if up is None:
             return
-        yield GaugeMetricFamily(PREFIX + "backend_up", "1 when the last backend connection "
-                                "attempt succeeded", value=1 if up else 0)
+        yield GaugeMetricFamily(PREFIX + "backend_up", "1 when the backend answered its last "
+                                "health check or connection attempt", value=1 if up else 0)
         yield GaugeMetricFamily(PREFIX + "backend_pool_idle_connections",
                                 "Pre-warmed backend connections ready", value=idle)
 

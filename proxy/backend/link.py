@@ -7,6 +7,13 @@ requests stay in order. A Pipeline whose connection is lost answers what was in 
 `backend unavailable` (the connection does that) and sends what comes next on a new one.
 Dedicated connections are taken from the pool, and given back after RESET (and the
 proxy's AUTH): never opened per transaction.
+
+Health (`health_interval_s`): a node is checked even with no traffic. A lost connection is
+noticed at once (the shared slot reconnects, and a failed attempt marks the node down); a
+node that keeps its connections but stops answering (paused, overloaded, a partition that
+sends no reset) is found by a PING on an idle pooled connection every half interval, with
+half an interval to answer: down within `health_interval_s` either way, and up again as
+fast, at which point shared slots waiting out a back-off reconnect at once.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ from proxy.resp.request import encode_command
 log = logging.getLogger("phiproxy.backend")
 
 _RESET = encode_command([b"RESET"])
+_PING = encode_command([b"PING"])
 _MAX_BACKOFF_S = 2.0
 
 
@@ -87,7 +95,7 @@ class Pipeline:
                 waiting, self._waiting = self._waiting, []
                 for *_, entries, _ in waiting:
                     fail_entries(entries)
-                await asyncio.sleep(delay)  # back off while the backend is down
+                await self.link.back_off(delay)  # while the backend is down
                 delay = min(delay * 2, _MAX_BACKOFF_S)
                 continue
             if self.link.closed:
@@ -170,6 +178,10 @@ class NodeLink:
         self.lost_count = 0
         self.server_info: list[Any] | None = None  # HELLO's reply (RESP2 form)
         self.databases: int | None = None  # how many databases SELECT accepts
+        self._watching: asyncio.Task[None] | None = None
+        self._up_again = asyncio.Event()  # set when the node comes back: ends back-offs
+        self.checks = 0  # health checks run (tests, metrics)
+        self._checking = 0  # a pooled connection out for a health check's PING
 
     @property
     def node(self) -> str:
@@ -189,11 +201,23 @@ class NodeLink:
         except TimeoutError as exc:
             self._failed(f"{self.node} did not answer within connect_timeout_s")
             raise BackendUnavailable(self.last_error) from exc
+        self._reachable()
+        return conn
+
+    def _reachable(self) -> None:
         if not self.healthy:
             log.info("backend %s reachable", self.node)
-        self.healthy = True
+            self.healthy = True
+            self._up_again.set()
+            self._up_again = asyncio.Event()
         self.last_error = None
-        return conn
+
+    async def back_off(self, delay: float) -> None:
+        """Wait `delay` before trying again, or less if the node is seen up meanwhile."""
+        try:
+            await asyncio.wait_for(self._up_again.wait(), delay)
+        except TimeoutError:
+            pass
 
     def _failed(self, message: str) -> None:
         if self.healthy or self.last_error != message:
@@ -220,6 +244,60 @@ class NodeLink:
         for pipeline in self.pipelines:
             pipeline.connect()
         self._refill()
+        self._watching = asyncio.get_running_loop().create_task(self._watch())
+
+    # ------------------------------------------------------------ health
+    async def _watch(self) -> None:
+        while not self.closed:
+            half = self.cfg.health_interval_s / 2
+            await asyncio.sleep(half)
+            try:
+                await self.check(half)
+            except Exception:  # a bug here must not end the checks for good
+                log.exception("backend %s: health check failed", self.node)
+
+    async def check(self, timeout: float) -> bool:
+        """One health check: PING on an idle pooled connection (a new one if none is
+        idle); False, and the node marked down, when it does not answer PONG in time."""
+        self.checks += 1
+        for pipeline in self.pipelines:  # shared slots come back without traffic
+            if pipeline.conn is None or pipeline.conn.closed:
+                pipeline.connect()
+        self._refill()
+        conn = self._take_idle()
+        if conn is None:
+            try:
+                conn = await self.open()
+            except BackendUnavailable:
+                return False  # open() marked the node down
+        else:
+            self._checking += 1  # still the pool's: the refill must not replace it
+        try:
+            reply = await conn.request(_PING, timeout)
+        except (TimeoutError, BackendUnavailable) as exc:
+            conn.abort()
+            self._failed(f"{self.node} did not answer PING within {timeout:g} s"
+                         if isinstance(exc, TimeoutError) else str(exc))
+            return False
+        finally:
+            self._checking = 0
+        if reply != b"PONG":
+            conn.abort()
+            self._failed(f"{self.node} answered PING with {reply!s:.200}")
+            return False
+        self._reachable()
+        if self.closed or len(self._idle) >= self.cfg.pool_size:
+            conn.close()  # pool_size = 0: the check's own connection is not kept
+        else:
+            self._idle.append(conn)
+        return True
+
+    def _take_idle(self) -> BackendConnection | None:
+        while self._idle:
+            conn = self._idle.popleft()
+            if not conn.closed and not conn.busy:
+                return conn
+        return None
 
     def pipeline(self) -> Pipeline:
         """The shared slot for a new client (round robin)."""
@@ -230,14 +308,11 @@ class NodeLink:
     # ------------------------------------------------------------ dedicated pool
     def take_dedicated(self) -> BackendConnection | None:
         """A ready dedicated connection, or None (then `open_dedicated`)."""
-        while self._idle:
-            conn = self._idle.popleft()
-            if not conn.closed and not conn.busy:
-                self.dedicated_out += 1
-                self._refill()
-                return conn
+        conn = self._take_idle()
+        if conn is not None:
+            self.dedicated_out += 1
         self._refill()
-        return None
+        return conn
 
     async def open_dedicated(self) -> BackendConnection:
         conn = await self.open()
@@ -273,11 +348,11 @@ class NodeLink:
 
     async def _fill(self) -> None:
         delay = 0.1
-        while not self.closed and self.idle_count < self.cfg.pool_size:
+        while not self.closed and self.idle_count + self._checking < self.cfg.pool_size:
             try:
                 conn = await self.open()
             except BackendUnavailable:
-                await asyncio.sleep(delay)
+                await self.back_off(delay)
                 delay = min(delay * 2, _MAX_BACKOFF_S)
                 continue
             delay = 0.1
@@ -311,8 +386,9 @@ class NodeLink:
 
     async def close(self) -> None:
         self.closed = True
-        if self._filling is not None:
-            self._filling.cancel()
+        for task in (self._filling, self._watching):
+            if task is not None:
+                task.cancel()
         while self._idle:
             self._idle.popleft().close()
         for pipeline in self.pipelines:
