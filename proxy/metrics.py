@@ -505,6 +505,10 @@ class _Collector:
             "every client read in one event loop iteration share one", value=stats.writes)
         yield GaugeMetricFamily(PREFIX + "audit_queue_depth", "Audit records queued or "
                                 "buffered, not yet written", value=stats.depth)
+        yield CounterMetricFamily(PREFIX + "audit_fsyncs", "fsyncs of the audit trail "
+                                  "([audit] fsync)", value=getattr(stats, "fsyncs", 0))
+        yield CounterMetricFamily(PREFIX + "audit_fsync_failures", "fsyncs of the audit trail "
+                                  "that failed", value=getattr(stats, "fsync_failures", 0))
 
     def _certs(self) -> Iterator[Metric]:
         m = self.m

@@ -55,7 +55,7 @@ class ServerState:
         self._conn_ids = itertools.count(1)
         self.listener_ssl = listener_context(config.listener)
         self.router = make_router(config.backend, backend_context(config.backend))
-        self.gate = AuditGate(self.audit.write, config.audit.fail_closed,
+        self.gate = AuditGate(self.audit.write_ahead, config.audit.fail_closed,
                               after_release=self.router.flush, on_failing=self._audit_failing)
         self.session_context = SessionContext(
             limits=config.limits, idle_timeout_s=config.listener.idle_timeout_s,
@@ -82,6 +82,8 @@ class ServerState:
             return False, f"backend unavailable: {self.router.last_error or 'not connected yet'}"
         if self.gate.failing:
             return False, "audit unavailable: the last audit write failed"
+        if self.audit.stats.fsync_failing:
+            return False, "audit not durable: the last fsync of the audit trail failed"
         return True, "ready"
 
     def apply_to_sessions(self, config: Config) -> None:
@@ -291,6 +293,14 @@ class _AuditStatsView:
     @property
     def depth(self) -> int:
         return self._stats.pending_records
+
+    @property
+    def fsyncs(self) -> int:
+        return self._stats.fsyncs
+
+    @property
+    def fsync_failures(self) -> int:
+        return self._stats.fsync_failures
 
 
 class _Handshake(asyncio.Protocol):

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import stat
+import threading
 import time
 
 from proxy.audit import files
@@ -29,13 +30,20 @@ class FileSink:
     anything else is written, so the file never holds a broken line between good ones.
     Once a second the path is compared with the open file (device, inode): if the file was
     removed, renamed or replaced, the sink reopens the path (a gap then shows in verify).
+
+    With `fsync` (`[audit] fsync` other than "no") a file is fdatasync'ed before it is
+    closed or rotated away, and the directory after a rotation's renames, so what was
+    written before a rotation or a shutdown is on disk. sync() is the writer's call (once
+    per loop iteration for "always", from a background thread for "everysec"); dup_fd()
+    lends that thread the current file under `fd_lock`, the lock every fd change holds.
     """
 
     kind = "file"
 
     def __init__(self, path: str, *, max_bytes: int = 0, keep: int = 10,
-                 check_interval_s: float = 1.0):
+                 check_interval_s: float = 1.0, fsync: bool = False):
         self.path = path
+        self.fsync = fsync
         self.max_bytes = max_bytes
         self.keep = keep
         self.check_interval_s = check_interval_s
@@ -44,6 +52,8 @@ class FileSink:
         self.rotations = 0
         self.first_seq = 0  # seq of the first record of the oldest file kept; 0 unknown
         self.pending_bytes = 0  # a file sink never buffers
+        self.batch_start = 0  # where the last batch written starts (cut back to it)
+        self.fd_lock = threading.Lock()  # held while the fd changes (see dup_fd)
         self._fd: int | None = None
         self._id: tuple[int, int] | None = None
         self._dirty = False  # a torn batch is still at the end of the file
@@ -67,23 +77,62 @@ class FileSink:
         st = os.fstat(fd)
         if self._fd is not None:
             self._close_fd()
-        self._fd = fd
+        with self.fd_lock:
+            self._fd = fd
         self._id = (st.st_dev, st.st_ino)
         self.regular = stat.S_ISREG(st.st_mode)
         self.size = st.st_size if self.regular else 0
         self._dirty = False
         self._next_check = time.monotonic() + self.check_interval_s
 
-    def _close_fd(self) -> None:
-        if self._fd is not None:
-            try:
-                os.close(self._fd)
-            except OSError:
-                pass
-        self._fd = None
+    def _close_fd(self, sync: bool = False) -> None:
+        """Close the file; with `sync` (and fsync on) fdatasync it first, so closing never
+        leaves records that only the page cache holds behind a file we stop writing."""
+        if self._fd is None:
+            return
+        if sync and self.fsync and self.regular:
+            self.sync()
+        with self.fd_lock:
+            fd, self._fd = self._fd, None
+        try:
+            os.close(fd)
+        except OSError:
+            pass
 
     def close(self) -> None:
-        self._close_fd()
+        self._close_fd(sync=True)
+
+    # --- durability -----------------------------------------------------------------
+    def sync(self) -> bool:
+        """fdatasync the current file (data and size: enough for an append-only file);
+        False when it failed (logged). Devices and pipes have nothing to sync: True."""
+        if self._fd is None or not self.regular:
+            return True
+        try:
+            os.fdatasync(self._fd)
+        except OSError as e:
+            log.error("audit: cannot fsync %s: %s", self.path, e.strerror or e)
+            return False
+        return True
+
+    def dup_fd(self) -> int | None:
+        """A duplicate of the current file's fd (for the everysec thread, which closes it),
+        None when there is no regular file open. A rotation meanwhile leaves the duplicate
+        on the old file, which the rotation synced itself."""
+        with self.fd_lock:
+            if self._fd is None or not self.regular:
+                return None
+            return os.dup(self._fd)
+
+    def cut_back(self) -> None:
+        """Take the last batch back off the end (its fsync failed: see AuditWriter)."""
+        self.size = self.batch_start
+        if not self.regular or self._fd is None:
+            return
+        try:
+            os.ftruncate(self._fd, self.size)
+        except OSError:
+            self._dirty = True  # try again before the next write
 
     # --- writing --------------------------------------------------------------------
     def write(self, lines: list[bytes]) -> bool:
@@ -91,7 +140,7 @@ class FileSink:
         try:
             if self.regular and self._fd is not None and time.monotonic() >= self._next_check \
                     and self._replaced():
-                self._close_fd()  # strict: nothing more goes to a file no longer at the path
+                self._close_fd(sync=True)  # nothing more goes to a file no longer at the path
             if self._fd is None:
                 self._open()
             if self._dirty:
@@ -100,6 +149,7 @@ class FileSink:
             if self.max_bytes and self.regular and self.size and \
                     self.size + len(data) > self.max_bytes:
                 self._rotate()
+            self.batch_start = self.size
             written = _os_write(self._fd, data)  # type: ignore[arg-type]
         except OSError as e:
             self._failed(e)
@@ -132,7 +182,13 @@ class FileSink:
 
     # --- rotation ---------------------------------------------------------------------
     def _rotate(self) -> None:
-        """audit.jsonl -> .1 -> ... -> .keep (dropped beyond); then a new audit.jsonl."""
+        """audit.jsonl -> .1 -> ... -> .keep (dropped beyond); then a new audit.jsonl.
+
+        With fsync on, the current file is synced before it is renamed (an OSError then
+        fails this write: the batch is refused rather than written after records that may
+        not be on disk) and the directory after, so the renames survive a crash too."""
+        if self.fsync and self._fd is not None:
+            os.fdatasync(self._fd)
         for stale in range(self.keep + 1, self.keep + 1000):  # left by a larger `keep`
             try:
                 os.unlink(files.rotated(self.path, stale))
@@ -147,11 +203,26 @@ class FileSink:
             except OSError as e:  # keep writing to the current file rather than fail
                 log.error("audit: cannot rotate %s: %s", src, e.strerror)
                 return
-        self._close_fd()  # our fd is now the .1 file: never rotate it twice
+        self._close_fd()  # our fd is now the .1 file (synced above): never rotate it twice
         self.size = 0
         self._open()
+        if self.fsync:
+            sync_directory(os.path.dirname(self.path) or ".")
         self.rotations += 1
         self.first_seq = oldest_first_seq(self.path, self.keep)
+
+
+def sync_directory(path: str) -> None:
+    """fsync a directory (its entries: renames, new files); failures are logged only, the
+    records themselves are synced."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        log.error("audit: cannot fsync the directory %s: %s", path, e.strerror or e)
 
 
 def oldest_first_seq(path: str, keep: int) -> int:

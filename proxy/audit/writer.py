@@ -30,6 +30,39 @@ Restart: open() continues the chain from the last record on disk (the current fi
   *ahead* of the trail (records were cut off the end), the last record's MAC failing
   (altered, or a different key). The operator runs `phiproxy audit verify`, keeps the
   trail as evidence, and moves it aside to start a new chain.
+
+Durability (`[audit] fsync`, file trails only; stdout and syslog have nothing to sync here,
+their durability is the reader's or the collector's), as Redis's appendfsync:
+
+- "always": group commit. The gate calls write_ahead() once per loop iteration with every
+  record of the iteration; it writes them and fdatasyncs the file (one call for all of
+  them) before any command of the iteration is released to the backend. If the fsync
+  fails, the batch is cut back off the file and the chain rolled back to where it was, and
+  write_ahead() returns False: the gate takes the commands back (`-ERR audit unavailable`)
+  exactly as for a failed write. Records written outside the gate (connect, disconnect,
+  start...) are synced at the end of their iteration. Caveat (Linux "fsyncgate"): after a
+  failed fsync, earlier records not yet synced may be lost although a later fsync
+  succeeds; the batch of commands that failed never runs, which is what write-ahead needs.
+- "everysec" (default): a daemon thread (Redis's bio thread) fdatasyncs the file about
+  once a second when there were writes, off the event loop; the hot path never waits for
+  the disk. A failure is logged, counted (stats.fsync_failures) and shows in /readyz
+  (stats.fsync_failing) until an fsync succeeds; commands are not refused for it. A host
+  crash loses at most about the last second (and two if the disk is slow).
+- "no": page cache only; the kernel writes back when it likes.
+Rotation and close sync the file before they rename or close it (everysec, always).
+
+The head file and fsync: the head names the last record that is *on disk*, never one that
+is only written. The trail is append-only and the head is rewritten in place, and after a
+power loss the kernel may have persisted either file's pages without the other's: a head
+that names a record the data file lost would look, at restart, like records cut off the
+end, and the proxy would refuse to start on an honest crash. So with everysec/always the
+head is rewritten with the position of the last successful fdatasync (`_durable`), never
+the position just written; whatever of it reaches the disk, it is never ahead of the data
+there. It may lag (it is not fsynced on the hot path: the "always" loop only pwrites it;
+the everysec thread fsyncs it after the data, and close() does), which restart and verify
+accept: a trail ahead of its head is a crash artifact, not tampering. With "no" the head
+follows the writes as before (it may be ahead after a power loss: restart then refuses
+and names the files, and `phiproxy audit verify` shows where the trail ends).
 """
 
 from __future__ import annotations
@@ -39,7 +72,9 @@ import fcntl
 import hashlib
 import logging
 import os
+import threading
 import time
+import weakref
 from typing import TYPE_CHECKING, Any
 
 from proxy.audit import files
@@ -70,13 +105,17 @@ log = logging.getLogger("phiproxy.audit")
 class AuditStats:
     """Plain counters for the metrics module (read at scrape time)."""
 
-    __slots__ = ("records", "batches", "failures", "head_failures", "_sink")
+    __slots__ = ("records", "batches", "failures", "head_failures", "fsyncs", "fsync_failures",
+                 "fsync_failing", "_sink")
 
     def __init__(self, sink: Any):
         self.records = 0  # records written
         self.batches = 0  # write() calls that succeeded
         self.failures = 0  # write() calls that returned False
         self.head_failures = 0  # head file updates that failed (records were written)
+        self.fsyncs = 0  # fdatasyncs of the trail that succeeded
+        self.fsync_failures = 0  # ... and that failed
+        self.fsync_failing = False  # the last fsync failed (everysec: /readyz says so)
         self._sink = sink
 
     @property
@@ -102,6 +141,13 @@ class AuditStats:
         return getattr(self._sink, "reconnects", 0)
 
 
+def fsync_mode(config: AuditConfig) -> str:
+    """The effective `[audit] fsync`: "no" where the sink is not a file (nothing to sync)."""
+    if config.path == "-" or is_syslog(config.path):
+        return "no"
+    return getattr(config, "fsync", "everysec")
+
+
 def make_sink(config: AuditConfig, *, hostname: str | None = None,
               check_interval_s: float = 1.0) -> FileSink | StreamSink | SyslogSink:
     path = config.path
@@ -112,7 +158,7 @@ def make_sink(config: AuditConfig, *, hostname: str | None = None,
         return SyslogSink(host, port, facility=config.syslog_facility,
                           buffer_bytes=config.syslog_buffer_bytes, hostname=hostname)
     return FileSink(path, max_bytes=config.max_bytes, keep=config.keep,
-                    check_interval_s=check_interval_s)
+                    check_interval_s=check_interval_s, fsync=fsync_mode(config) != "no")
 
 
 class AuditWriter:
@@ -140,6 +186,13 @@ class AuditWriter:
         # read of that iteration was handled), not once per batch; see write().
         self._loop: asyncio.AbstractEventLoop | None = None
         self._head_due = False
+        # [audit] fsync (see the module docstring): the head names `_durable`, the last
+        # position known to be on disk; `_written` is the last position written (the
+        # everysec thread reads both tuples whole, so no lock is needed for them).
+        self.fsync = fsync_mode(config)
+        self._written: tuple[int, bytes, int] = (0, GENESIS, 0)
+        self._durable: tuple[int, bytes, int] = (0, GENESIS, 0)
+        self._syncer: _Syncer | None = None
 
     # --- state ----------------------------------------------------------------------
     @property
@@ -200,7 +253,12 @@ class AuditWriter:
             else:
                 self._recover_head_only()
         self._open = True
+        # What open() found is on disk (or as good as it gets: it was read back).
+        self._written = self._durable = self._position()
         self._write_head()
+        if self.fsync == "everysec" and isinstance(self.sink, FileSink):
+            self._syncer = _Syncer(self)
+            self._syncer.start()
         if torn is not None:
             name, size, digest = torn
             self.recovery = (f"torn last line ({size} bytes, crash during a write) moved to "
@@ -243,9 +301,19 @@ class AuditWriter:
             raise self._refuse(f"{self._head_path}: the audit head file is {e}") from None
 
     def close(self) -> None:
-        """Flush (syslog: blocking, at most 2 s: call it at shutdown) and close."""
-        if self._head_due:
+        """Flush (syslog: blocking, at most 2 s: call it at shutdown), sync and close."""
+        if self._syncer is not None:
+            self._syncer.stop()
+            self._syncer = None
+        if self.fsync != "no" and self._open and self._written != self._durable:
+            self.sync()
+        if self._head_due or self.fsync != "no":
             self._write_head()
+            if self.fsync != "no" and self._head_fd is not None:
+                try:
+                    os.fdatasync(self._head_fd)
+                except OSError as e:
+                    log.error("audit: cannot fsync %s: %s", self._head_path, e.strerror)
         self._open = False
         self.sink.close()
         if self._head_fd is not None:
@@ -273,6 +341,49 @@ class AuditWriter:
 
     def write(self, records: list[bytes]) -> bool:
         """Write a batch of record bodies (one client read) in one go; False if not written."""
+        if not self._append(records):
+            return False
+        if self.fsync == "no":
+            if self._head_fd is not None:
+                if self._loop is None:
+                    self._write_head()
+                elif not self._head_due:
+                    # Once per loop iteration: with many clients (or pipelining), one HMAC
+                    # and one pwrite serve every batch written in it. The head already
+                    # lagged the trail between a write and its update; a crash in between
+                    # is accepted at restart and by verify (trail ahead of the head).
+                    self._head_due = True
+                    self._loop.call_soon(self._write_head)
+        elif self.fsync == "always":
+            self._iteration_done()  # records outside the gate: synced this iteration
+        return True
+
+    def write_one(self, record: bytes) -> bool:
+        return self.write([record])
+
+    def write_ahead(self, records: list[bytes]) -> bool:
+        """The gate's write: the records of commands about to be forwarded. With fsync =
+        "always" they are on disk when this returns True (group commit); if the fsync
+        fails they are cut back off the trail, the chain is rolled back, and False."""
+        if self.fsync != "always" or not records:
+            return self.write(records)
+        before = (self._chain.seq, self._chain.mac)
+        if not self._append(records):
+            return False
+        if not self.sync():
+            if isinstance(self.sink, FileSink):
+                self.sink.cut_back()
+            self._chain.advance(*before)
+            self._written = self._position()
+            self.stats.records -= len(records)
+            self.stats.batches -= 1
+            self.stats.failures += 1
+            return False
+        self._iteration_done()  # the head, once per iteration
+        return True
+
+    def _append(self, records: list[bytes]) -> bool:
+        """Seal and hand to the sink; the chain moves only if the sink took them."""
         if not records:
             return True
         if not self._open:
@@ -285,26 +396,63 @@ class AuditWriter:
         self._chain.advance(seq, mac)
         self.stats.records += len(lines)
         self.stats.batches += 1
-        if self._head_fd is not None:
-            if self._loop is None:
-                self._write_head()
-            elif not self._head_due:
-                # Once per loop iteration: with many clients (or pipelining), one HMAC and
-                # one pwrite serve every batch written in it. The head already lagged the
-                # trail between a write and its update; a crash in between is accepted at
-                # restart and by verify (trail ahead of the head), so nothing is weakened.
-                self._head_due = True
-                self._loop.call_soon(self._write_head)
+        if self.fsync != "no":
+            self._written = self._position()
         return True
 
-    def write_one(self, record: bytes) -> bool:
-        return self.write([record])
+    def _iteration_done(self) -> None:
+        """fsync = "always": at the end of this loop iteration (at once without a loop)."""
+        if self._loop is None:
+            self._end_iteration()
+        elif not self._head_due:
+            self._head_due = True
+            self._loop.call_soon(self._end_iteration)
+
+    def sync(self) -> bool:
+        """fdatasync the trail now (on the calling thread); True if it is on disk."""
+        position = self._written
+        if not isinstance(self.sink, FileSink) or not self.sink.sync():
+            self._synced(False)
+            return False
+        self._synced(True, position)
+        return True
+
+    def _synced(self, ok: bool, position: tuple[int, bytes, int] | None = None) -> None:
+        """Count an fsync (either thread: the counters are the loop's view, plain ints)."""
+        stats = self.stats
+        if not ok:
+            stats.fsync_failures += 1
+            if not stats.fsync_failing:
+                stats.fsync_failing = True
+                log.error("audit: fsync of %s failed: records may not survive a host crash "
+                          "until an fsync succeeds", self.sink.path)
+            return
+        stats.fsyncs += 1
+        if position is not None and position[0] >= self._durable[0]:
+            self._durable = position
+        if stats.fsync_failing:
+            stats.fsync_failing = False
+            log.warning("audit: fsync of %s works again", self.sink.path)
+
+    def _end_iteration(self) -> None:
+        """fsync = "always": sync what this iteration wrote outside the gate; then the head."""
+        self._head_due = False
+        if self._open and self._written != self._durable:
+            self.sync()
+        self._write_head()
+
+    def _position(self) -> tuple[int, bytes, int]:
+        return self._chain.seq, self._chain.mac, self.sink.first_seq
 
     def _write_head(self) -> None:
         self._head_due = False
         if self._head_fd is None:
             return
-        data = encode_head(self._mac, self._chain.seq, self._chain.mac, self.sink.first_seq)
+        if self.fsync == "no":
+            seq, last, first = self._position()
+        else:
+            seq, last, first = self._durable
+        data = encode_head(self._mac, seq, last, first)
         try:
             os.pwrite(self._head_fd, data, 0)
         except OSError as e:
@@ -377,3 +525,65 @@ class AuditWriter:
         head = self._read_head()
         if head is not None:
             self._chain.advance(head.seq, head.mac)
+
+
+class _Syncer(threading.Thread):
+    """fsync = "everysec": about once a second, if records were written since the last
+    sync, fdatasync the trail (a duplicate of its fd), then rewrite and fsync the head
+    with that position. Never on the event loop; the loop only publishes `_written`.
+    It holds the writer weakly: a writer dropped without close() (tools, tests) ends it."""
+
+    def __init__(self, writer: AuditWriter, interval_s: float = 1.0) -> None:
+        super().__init__(name="audit-fsync", daemon=True)
+        self._writer = weakref.ref(writer)
+        self.interval_s = interval_s
+        self._stopping = threading.Event()
+        self._mac = Mac(writer._mac.key)  # its own HMAC state: the loop uses the writer's
+
+    def stop(self) -> None:
+        self._stopping.set()
+        if self is not threading.current_thread():
+            self.join(5.0)
+
+    def run(self) -> None:
+        while not self._stopping.wait(self.interval_s):
+            writer = self._writer()
+            if writer is None:
+                return
+            self._tick(writer)
+            del writer
+
+    def _tick(self, writer: AuditWriter) -> None:
+        sink = writer.sink
+        assert isinstance(sink, FileSink)
+        position = writer._written  # read before the fd: those records are in it
+        if position == writer._durable:
+            return
+        try:
+            fd = sink.dup_fd()
+        except OSError:
+            fd = None
+        if fd is None:  # closed meanwhile (a failed write): try again next second
+            return
+        try:
+            os.fdatasync(fd)
+            ok = True
+        except OSError as e:
+            log.error("audit: cannot fsync %s: %s", sink.path, e.strerror or e)
+            ok = False
+        finally:
+            os.close(fd)
+        writer._synced(ok, position)
+        if ok:
+            self._write_head(writer, position)
+
+    def _write_head(self, writer: AuditWriter, position: tuple[int, bytes, int]) -> None:
+        fd = writer._head_fd
+        if fd is None or self._stopping.is_set():  # close() owns the head from now on
+            return
+        try:
+            os.pwrite(fd, encode_head(self._mac, *position), 0)
+            os.fdatasync(fd)
+        except OSError as e:
+            writer.stats.head_failures += 1
+            log.error("audit: cannot update %s: %s", writer._head_path, e.strerror)
