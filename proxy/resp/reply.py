@@ -258,11 +258,11 @@ class ReplyFramer:
         counted = cap_left == 1 and depth == 1  # this line may be a confirmation's count
         if t in _SIMPLE and not (t == 58 and counted):  # content not needed: skip to CRLF
             if cap_left and depth == 1:
-                cap_left = self._capture(_NOT_CAPTURED, cap_left)
+                cap_left = self._capture(_nil_or_not_captured(t, cap_left), cap_left)
             self._in_line = True
             self._cr = buf[-1] == 13
             return cap_left
-        if t not in _BULKS and t not in _AGGREGATES and not counted:
+        if t not in _BULKS and t not in _AGGREGATES and t != 58:  # 58: a held count line
             raise ReplyProtocolError(f"unexpected reply type byte {bytes([t])!r}")
         if len(buf) - pos > _MAX_HEADER + 1:  # +1: the CR may already be here
             raise ReplyProtocolError("reply header line too long")
@@ -328,7 +328,7 @@ class ReplyFramer:
                 raise ReplyProtocolError("reply header line too long")
             self._cap.append(int(line[1:]))
             return 0
-        return self._capture(_NOT_CAPTURED, cap_left)
+        return self._capture(_nil_or_not_captured(line[0], cap_left), cap_left)
 
     def _capture(self, value: object, cap_left: int) -> int:
         """Record the next first-level element; return how many more are wanted."""
@@ -350,6 +350,13 @@ class ReplyFramer:
         if cap and cap[0] in MESSAGE_NAMES:
             return PUSH, None
         return REPLY, None
+
+
+def _nil_or_not_captured(t: int, cap_left: int) -> object:
+    """A simple line as a captured element: RESP3's null `_` in the channel's place is the
+    nil channel (UNSUBSCRIBE with no subscriptions left, as Redis 7 sends it to a RESP3
+    client: `>3 $11 unsubscribe _ :0`); any other simple line spoils a confirmation."""
+    return None if t == 95 and cap_left == 2 else _NOT_CAPTURED
 
 
 def _close(stack: list[int], attrs: list[bool]) -> bool:

@@ -254,6 +254,28 @@ def test_confirmation_fields_split_across_chunks() -> None:
     assert kinds(bytewise(value), subscribed=True) == expected
 
 
+def test_resp3_nil_channel_is_a_confirmation() -> None:
+    # Found by tests/fuzz: Redis 7 confirms an UNSUBSCRIBE with no subscriptions left to a
+    # RESP3 client with RESP3's null `_` as the channel (RESP2: `$-1`). It was classified
+    # as a PUSH, so the UNSUBSCRIBE waiting for its confirmation never got one.
+    for name in (b"unsubscribe", b"punsubscribe", b"sunsubscribe"):
+        value = arr(bulk(name), b"_\r\n", b":0\r\n", t=b">")
+        expected = [(SUB_CONFIRM, SubConfirm(name, None, 0))]
+        for cut in range(len(value) + 1):
+            assert kinds([value[:cut], value[cut:]], subscribed=True) == expected, cut
+        assert kinds(bytewise(value), subscribed=False) == expected
+    # Null elsewhere is no channel: still not a confirmation.
+    assert kinds([arr(b"_\r\n", bulk(b"c"), b":0\r\n", t=b">")], False) == [(PUSH, None)]
+
+
+def test_bad_type_byte_of_a_held_count_line_is_refused_at_once() -> None:
+    # Found by tests/fuzz: the third element of a would-be confirmation, cut before its
+    # CRLF, was held whatever its type byte; now refused like any other bad type byte.
+    framer = ReplyFramer()
+    with pytest.raises(ReplyProtocolError, match="unexpected reply type byte"):
+        framer.feed(b">3\r\n" + bulk(b"subscribe") + bulk(b"c") + b"21474836")
+
+
 def test_flag_is_read_per_frame_with_max_frames() -> None:
     # One chunk: the LRANGE reply before SUBSCRIBE, its confirmation, then a message.
     # The caller steps frame by frame and enters subscribed mode exactly in between.
