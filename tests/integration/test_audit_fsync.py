@@ -11,9 +11,12 @@ fsync moved after the release to the backend, this test fails.
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -37,6 +40,7 @@ class Trail:
     calls: list[tuple[str, int, float]] = field(default_factory=list)  # thread, size, time
     committed: set[str] = field(default_factory=set)  # keys whose records were synced
     early: list[tuple[list[str], int]] = field(default_factory=list)  # violations
+    fail: int = 0  # fail the next n fdatasyncs of the trail with EIO
 
 
 def command_keys(data: bytes) -> list[str]:
@@ -70,6 +74,9 @@ def watched(backend: RedisServer, tmp_path: Path,
                 ran = probe.exists(*keys)
                 if ran:
                     trail.early.append((keys, ran))
+        if trail.fail:
+            trail.fail -= 1
+            raise OSError(errno.EIO, "Input/output error")
         real(fd)
         trail.synced = size
         with open(trail.path, "rb") as f:
@@ -161,3 +168,30 @@ async def test_no_never_syncs(pki: PKI, backend: RedisServer, tmp_path: Path,
                     lambda kwargs: clients(kwargs, "no", count=2, singles=10, pipelined=5))
     assert watched.calls == []
     assert len(command_keys(watched.path.read_bytes())) == 2 * 15
+
+
+async def test_always_a_failed_fsync_refuses_the_iterations_commands(
+        pki: PKI, backend: RedisServer, tmp_path: Path, watched: Trail) -> None:
+    answers: list[object] = []
+
+    def work(kwargs: dict) -> None:
+        client = redis.Redis(**kwargs)
+        answers.append(client.set("app:phi:fs:before", "v"))
+        watched.fail = 1
+        with pytest.raises(redis.exceptions.ResponseError, match="audit unavailable"):
+            client.set("app:phi:fs:refused", "v")
+        answers.append(client.set("app:phi:fs:after", "v"))  # the disk is back
+        client.close()
+
+    await run_proxy(pki, backend, tmp_path / "p", "always", work)
+    direct = backend.client()
+    assert answers == [True, True]
+    assert direct.exists("app:phi:fs:before", "app:phi:fs:after") == 2
+    assert not direct.exists("app:phi:fs:refused")  # never forwarded
+    keys = command_keys(watched.path.read_bytes())
+    assert "app:phi:fs:refused" not in keys  # and cut back off the trail
+    checked = subprocess.run(
+        [sys.executable, "-m", "proxy", "audit", "verify", str(watched.path),
+         "--key-file", str(watched.path.parent / "audit.key")],
+        capture_output=True, text=True, timeout=60)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
