@@ -253,8 +253,9 @@ def _is_password(token: str) -> bool:
 
 
 def _redacted(text: str) -> str:
-    """Error messages never repeat a password rule's secret."""
-    return re.sub(r"(?<!\S)([><#!])\S+", r"\1***", text)
+    """Error messages never repeat a password rule's secret, also one that opens a
+    selector: `(>pw ...)`."""
+    return re.sub(r"(?<![^\s(])([><#!])\S+", r"\1***", text)
 
 
 def parse_role(name: str, acl: str, table: CommandTable) -> RoleRules:

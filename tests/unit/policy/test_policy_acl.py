@@ -241,5 +241,13 @@ def test_passwords_are_redacted_in_messages() -> None:
                        "\"+get >***\"")
 
 
+@pytest.mark.parametrize("acl", ["+get (>hunter2 ~x)", "+get (>hunter2)", "(#hunter2 +get",
+                                 "+nosuch (<hunter2 ~x)"])
+def test_passwords_opening_a_selector_are_redacted(acl: str) -> None:
+    # Found by tests/fuzz/fuzz_acl.py: `(>pw` was shown as written in the rule string.
+    problems = errors(acl)
+    assert problems and all("hunter2" not in problem for problem in problems)
+
+
 def test_on_is_accepted() -> None:
     assert root("on +get").permits("get")
