@@ -326,11 +326,15 @@ def _unknown(argv: Sequence[bytes], table: CommandTable) -> Evaluation:
     if container is not None and len(argv) > 1:
         label += "|" + _printable(argv[1].lower())
         what = f"'{label}' is not a subcommand the command table knows"
+        error = errors.unknown_subcommand(argv)
     else:
         what = f"'{label}' is not a command the command table knows"
+        error = errors.unknown_command(argv) if argv else errors.noperm_command(label)
+    # Answered as Redis answers it (clients probe for features so), and still a refusal
+    # with its audit record: the default deny of a command nobody could have granted.
     return Evaluation(
         Decision(False, label, reason=f"{ex.UNKNOWN_COMMAND}: {what}", extra=ex.UNKNOWN_COMMAND,
-                 error=errors.noperm_command(label)),
+                 error=error),
         None, detail=f"refused: {what} (default deny)")
 
 

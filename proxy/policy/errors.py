@@ -11,6 +11,8 @@ bytes are the wire reply (`Decision.error`).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from proxy.resp import canned
 
 NOPERM = "NOPERM"
@@ -38,6 +40,42 @@ NOPERM_CHANNEL = wire(CHANNEL_TEXT)
 def noperm_command(name: str) -> bytes:
     """`-NOPERM this user has no permissions to run the 'name' command`."""
     return wire(command_text(name))
+
+
+def _c_string(arg: bytes, limit: int) -> bytes:
+    """What C's `%.<limit>s` prints of a Redis argument: up to its first NUL."""
+    end = arg.find(b"\0")
+    return (arg if end < 0 else arg[:end])[:limit]
+
+
+def unknown_command(argv: Sequence[bytes]) -> bytes:
+    """Redis's reply to a command its table does not have (server.c processCommand):
+    `-ERR unknown command 'name', with args beginning with: 'a' 'b' `, byte for byte,
+    since clients probe for features this way (the arguments stop once 128 bytes of
+    them are shown)."""
+    args = b""
+    for arg in argv[1:]:
+        if len(args) >= 128:
+            break
+        args += b"'" + _c_string(arg, 128 - len(args)) + b"' "
+    return _err(b"unknown command '" + _c_string(argv[0], 128) +
+                b"', with args beginning with: " + args)
+
+
+def unknown_subcommand(argv: Sequence[bytes]) -> bytes:
+    """Redis's reply to an unknown subcommand of a known container:
+    `-ERR unknown subcommand 'sub'. Try CONFIG HELP.`"""
+    container = _c_string(argv[0], len(argv[0])).upper()
+    return _err(b"unknown subcommand '" + _c_string(argv[1], 128) + b"'. Try " + container +
+                b" HELP.")
+
+
+def _err(message: bytes) -> bytes:
+    # Redis maps CR and LF to spaces (rejectCommandFormat): the arguments are the client's.
+    return b"-ERR " + message.translate(_NO_NEWLINES) + b"\r\n"
+
+
+_NO_NEWLINES = bytes.maketrans(b"\r\n", b"  ")
 
 
 def noperm_unfilterable_in_multi(command: str) -> bytes:

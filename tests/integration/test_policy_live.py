@@ -3,6 +3,7 @@ KEYS/SCAN filtering against a backend seeded with out-of-scope keys."""
 
 from __future__ import annotations
 
+import json
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -236,14 +237,44 @@ def test_pubsub_channels_enforced(policy_proxy: Proxy) -> None:
         pubsub.get_message(timeout=5)
 
 
-def test_unknown_command_is_refused_by_default(policy_proxy: Proxy, tmp_path: Path) -> None:
+UNKNOWN_PROBES = [
+    ("NOSUCHCMD", "app:x"),
+    ("nosuchcmd",),
+    ("FOO", "a" * 100, "b" * 100, "c"),
+    ("FOO", "new\r\nline", "nul\0byte"),
+    ("CONFIG", "NOSUCHSUB", "x"),
+    ("client", "nosuch"),
+    ("OBJECT", "x" * 300),
+]
+
+
+def test_unknown_commands_are_answered_exactly_as_redis_answers_them(
+        policy_proxy: Proxy, tmp_path: Path, backend: RedisServer) -> None:
+    """Clients probe for features with unknown commands: the error must be Redis's, byte
+    for byte (SPEC §4), while the proxy still refuses and records the refusal."""
+    trail = policy_proxy.config.parent / "scripter-audit.jsonl"  # other tests' records too
+    seen = len(trail.read_text().splitlines()) if trail.exists() else 0
     proxy = proxy_with_role(policy_proxy, tmp_path, "scripter")  # +@all
+    direct = backend.client()
     try:
         client = proxy.client("app-writer")
-        with pytest.raises(redis.exceptions.NoPermissionError, match="'nosuchcmd'"):
-            client.execute_command("NOSUCHCMD", "app:x")
+        for probe in UNKNOWN_PROBES:
+            with pytest.raises(redis.exceptions.ResponseError) as redis_says:
+                direct.execute_command(*probe)
+            with pytest.raises(redis.exceptions.ResponseError) as proxy_says:
+                client.execute_command(*probe)
+            assert str(proxy_says.value) == str(redis_says.value), probe
+            assert "unknown" in str(proxy_says.value)
+        assert client.ping()  # the connection goes on, as with Redis
     finally:
         proxy.stop()
+    records = [json.loads(line) for line in trail.read_text().splitlines()[seen:]]
+    # redis-py probes too on every new connection: CLIENT MAINT_NOTIFICATIONS, and
+    # CLIENT SETINFO (Redis 7.2; this Redis and the proxy's table are 7.0).
+    setup = {"client|maint_notifications", "client|setinfo"}
+    denied = [r for r in records if r["event"] == "denied" and r["command"] not in setup]
+    assert len(denied) == len(UNKNOWN_PROBES), [(r.get("command"), r["reason"]) for r in denied]
+    assert all(r["reason"].startswith("unknown_command") for r in denied)
 
 
 def test_unchecked_keys_georadius_store_bypass_is_refused(policy_proxy: Proxy, tmp_path: Path,

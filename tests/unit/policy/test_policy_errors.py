@@ -41,7 +41,7 @@ def test_engine_and_loader_build_no_text_of_their_own(monkeypatch: pytest.Monkey
     monkeypatch.setattr(errors, "command_text", lambda name: f"NOPERM marked '{name}'")
     marked = b"-NOPERM marked '%s'\r\n"
     assert decide_as("+get ~*", b"SET", b"k", b"v") == marked % b"set"  # not granted
-    assert decide_as("+@all ~*", b"NOSUCH") == marked % b"nosuch"  # unknown command
+    assert decide_as("+@all ~*", b"NOSUCH") == errors.unknown_command([b"NOSUCH"])  # Redis's
     assert decide_as("+@all -@dangerous +@write", b"FLUSHALL") == marked % b"flushall"  # extra
     refusal = disabled_refusal(frozenset({"debug"}), [b"DEBUG", b"SLEEP", b"0"])
     assert refusal is not None and refusal.error == marked % b"debug"
@@ -50,3 +50,13 @@ def test_engine_and_loader_build_no_text_of_their_own(monkeypatch: pytest.Monkey
 def test_engine_key_and_channel_refusals_use_the_shared_lines() -> None:
     assert decide_as("+get ~a:*", b"GET", b"b") is errors.NOPERM_KEY
     assert decide_as("+publish", b"PUBLISH", b"c", b"m") is errors.NOPERM_CHANNEL
+
+
+def test_unknown_command_texts_follow_redis_truncation() -> None:
+    # Arguments stop once 128 bytes of them are shown; each is cut to what is left; C
+    # strings end at NUL; CR/LF become spaces (server.c commandCheckExistence).
+    reply = errors.unknown_command([b"no\0pe", b"x" * 100, b"y" * 100, b"z"])
+    assert reply == (b"-ERR unknown command 'no', with args beginning with: '" + b"x" * 100 +
+                     b"' '" + b"y" * 25 + b"' \r\n")
+    assert errors.unknown_subcommand([b"Client", b"a\r\nb"]) == \
+        b"-ERR unknown subcommand 'a  b'. Try CLIENT HELP.\r\n"
