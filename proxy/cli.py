@@ -93,6 +93,7 @@ def _print_problems(problems: list[str]) -> None:
 def cmd_check_config(args: argparse.Namespace) -> int:
     try:
         from proxy.config import backend_node
+        from proxy.tls import strictness_warning
 
         config, _, roles = load_everything(args.config)
     except ConfigError as exc:
@@ -101,6 +102,9 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     print(f"{config.path}: OK: listener {config.listener.address}:{config.listener.port}, "
           f"backend {backend_node(config.backend)}, "
           f"{len(roles)} roles, {len(config.identities)} identity rules")
+    strictness = strictness_warning(config.listener)
+    if strictness is not None:
+        print(f"warning: {config.path}: {strictness}", file=sys.stderr)
     return EXIT_OK
 
 

@@ -53,6 +53,9 @@ class ListenerConfig:
     max_connections: int = 10000
     tcp_keepalive: bool = True
     drain_timeout_s: float = 10.0  # SIGTERM: how long busy connections may finish
+    # RFC 5280 strictness (OpenSSL's X509_STRICT) for client certificates; false admits
+    # legacy PKIs (no key identifiers, ...) and check-config warns
+    x509_strict: bool = True
 
 
 @dataclass(frozen=True)
@@ -115,6 +118,7 @@ class LockoutConfig:
     window_s: float = 60.0
     block_s: float = 300.0
     enabled: bool = True
+    exempt_networks: tuple[IPNetwork, ...] = ()  # never blocked as a source (NAT, checkers)
 
 
 @dataclass(frozen=True)
@@ -512,6 +516,10 @@ def _networks(t: _Table) -> tuple[IPNetwork, ...]:
         t.fault("allow_networks", f"is empty, so no client could connect; list the client "
                                   f"networks, e.g. allow_networks = {example}")
         return default
+    return _cidrs(t, "allow_networks", items)
+
+
+def _cidrs(t: _Table, key: str, items: list[Any]) -> tuple[IPNetwork, ...]:
     networks = []
     for item in items:
         try:
@@ -520,7 +528,7 @@ def _networks(t: _Table) -> tuple[IPNetwork, ...]:
             fix = "write networks in CIDR notation such as \"10.0.0.0/8\""
             with contextlib.suppress(ValueError):
                 fix = f'did you mean "{ipaddress.ip_network(item, strict=False)}"?'
-            t.fault("allow_networks", f"{_show(item)} is not a network ({e}); {fix}")
+            t.fault(key, f"{_show(item)} is not a network ({e}); {fix}")
     return tuple(networks)
 
 
@@ -555,6 +563,7 @@ def _listener(p: _Problems, data: dict[str, Any]) -> ListenerConfig | None:
         max_connections=t.integer("max_connections", d.max_connections, 1),
         tcp_keepalive=t.boolean("tcp_keepalive", d.tcp_keepalive),
         drain_timeout_s=t.seconds("drain_timeout_s", d.drain_timeout_s, zero_ok=True),
+        x509_strict=t.boolean("x509_strict", d.x509_strict),
     )  # a None in it means a problem was recorded
 
 
@@ -780,6 +789,8 @@ def _lockout(p: _Problems, data: dict[str, Any]) -> LockoutConfig:
         window_s=t.seconds("window_s", d.window_s, zero_ok=False),
         block_s=t.seconds("block_s", d.block_s, zero_ok=False),
         enabled=t.boolean("enabled", d.enabled),
+        exempt_networks=_cidrs(t, "exempt_networks", t.list_of(
+            "exempt_networks", str, '["10.0.8.0/24"]') or []),
     )
 
 

@@ -24,7 +24,9 @@ class Events:
         `quiet`: counted but not logged (a locked-out source retrying must not flood logs).
         """
         self.metrics.connection_refused(reason)
-        if not quiet:
+        if reason == "crl_unavailable":  # the proxy's own material: every client is refused
+            log.error("connection refused from %s: %s (%s)", src, reason, detail)
+        elif not quiet:
             suffix = f" ({detail})" if detail else ""
             log.warning("connection refused from %s: %s%s", src, reason, suffix)
 
@@ -36,6 +38,17 @@ class Events:
     def locked_out(self, src: str, failures: int, block_s: float) -> None:
         log.warning("source %s blocked for %.0f s after %d TLS/identity failures",
                     src.rsplit(":", 1)[0], block_s, failures)
+
+    def certificate_locked_out(self, src: str, subject: str, fingerprint: str, failures: int,
+                               block_s: float) -> None:
+        log.warning("certificate %s (sha256 %s) blocked for %.0f s after %d failures, the "
+                    "last from %s; other clients of that host are not affected",
+                    subject, fingerprint, block_s, failures, src)
+
+    def l4_probe(self, src: str) -> None:
+        """Connected and closed without a byte: a health check, not a failure."""
+        self.metrics.l4_probe()
+        log.debug("connection from %s closed before any TLS byte (L4 health check)", src)
 
     def connected(self, src: str, subject: str, role: str, tls: dict[str, Any],
                   not_after: Any = None) -> None:

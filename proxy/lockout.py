@@ -1,8 +1,18 @@
-"""Lockout: a source address that keeps failing the TLS handshake or identity mapping is
-refused before the handshake for a while, so guessing and scanning cost the attacker
-time instead of costing the proxy handshakes.
+"""Lockout: whoever keeps failing the TLS handshake or identity mapping is refused for a
+while, so guessing and scanning cost the attacker time instead of costing the proxy
+handshakes.
 
-Per source, the last `failures` failure times are kept; when the oldest of them is within
+Keyed on who failed (proxy.server keeps two of these): a failure with a certificate that
+chains to a trusted client CA (revoked, expired, unmapped, over max_cert_validity_h)
+counts against that certificate's SHA-256 fingerprint, and a blocked certificate is
+refused right after the handshake, before any identity work; other clients of the same
+host are not affected. A failure without a usable certificate (none, untrusted issuer,
+RFC 5280 strictness, not TLS, handshake garbage or timeout) counts against the source
+address, which is then refused before the handshake; `[lockout] exempt_networks` are
+never blocked as a source. A TCP connect-and-close without a byte (an L4 health check)
+is no failure at all.
+
+Per key, the last `failures` failure times are kept; when the oldest of them is within
 `window_s` of the newest, the source is blocked for `block_s`. Memory is bounded: at most
 `max_sources` addresses are tracked (least recently failing forgotten first) and at most
 `max_sources` blocked (soonest to expire dropped first).
@@ -15,8 +25,8 @@ from collections import OrderedDict, deque
 from collections.abc import Callable
 
 # Refusal reasons (proxy.server's) that count as a failure: a client that proved nothing.
-# Not "network"/"max_connections" (refused before TLS) nor "client_closed" (a client
-# that went away, e.g. a health check probing the port).
+# Not "network"/"max_connections" (refused before TLS), "client_closed" (a client that
+# went away mid-handshake) nor "crl_unavailable" (the proxy's own CRL is stale or missing).
 FAILURE_REASONS = frozenset({
     "identity", "no_client_cert", "cert_expired", "cert_revoked", "cert_untrusted",
     "handshake_timeout", "tls_version", "not_tls", "no_shared_cipher", "tls_error",

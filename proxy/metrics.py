@@ -62,6 +62,7 @@ LATENCY_BUCKETS: tuple[float, ...] = (
 TLS_FAILURE_REASONS = (
     "no_client_cert", "cert_expired", "cert_revoked", "cert_untrusted", "handshake_timeout",
     "tls_version", "not_tls", "no_shared_cipher", "client_closed", "tls_error",
+    "crl_unavailable",
 )
 REFUSAL_REASONS = ("network", "max_connections", "lockout", "identity", *TLS_FAILURE_REASONS)
 _TLS_SET = frozenset(TLS_FAILURE_REASONS)
@@ -194,6 +195,7 @@ class Metrics:
         self._denied: dict[tuple[str, str, str], int] = {}
         self.protocol_errors = 0
         self.backend_lost_count = 0
+        self.l4_probes = 0
         self.reloads = {"ok": 0, "failed": 0}
         self.reload_sessions_closed = 0
         self.backend_up: bool | None = None
@@ -201,6 +203,7 @@ class Metrics:
         self._backend_probe: Callable[[], tuple[bool, int]] | None = None
         self._audit: AuditStats | None = None
         self._lockout_probe: Callable[[], int] | None = None
+        self._lockout_certs_probe: Callable[[], int] | None = None
         self._cert_expiry: dict[str, float] = {}
         self._client_min = (_INF, _INF)  # (this period, the previous one)
         self._client_period = 0
@@ -263,6 +266,10 @@ class Metrics:
     def protocol_error(self) -> None:
         self.protocol_errors += 1
 
+    def l4_probe(self) -> None:
+        """A TCP connection closed before sending a byte: a load balancer's health check."""
+        self.l4_probes += 1
+
     def backend_lost(self) -> None:
         self.backend_lost_count += 1
 
@@ -283,9 +290,12 @@ class Metrics:
     def watch_audit(self, stats: AuditStats) -> None:
         self._audit = stats
 
-    def watch_lockout(self, probe: Callable[[], int]) -> None:
-        """probe() -> the number of source addresses blocked now."""
+    def watch_lockout(self, probe: Callable[[], int],
+                      certificates: Callable[[], int] | None = None) -> None:
+        """probe() -> the number of source addresses blocked now; certificates() -> the
+        number of client certificates (fingerprints) blocked now."""
         self._lockout_probe = probe
+        self._lockout_certs_probe = certificates
 
     def set_cert_expiry(self, cert: str, source: CertSource) -> None:
         """cert: "server", "client_ca" or another name; source: a certificate, PEM bytes,
@@ -434,6 +444,9 @@ class _Collector:
                                   "a RESP protocol error", value=m.protocol_errors)
         yield CounterMetricFamily(PREFIX + "backend_lost", "Backend connections lost under a "
                                   "client session", value=m.backend_lost_count)
+        yield CounterMetricFamily(PREFIX + "l4_probes", "TCP connections closed before "
+                                  "sending a byte (load balancer health checks); not "
+                                  "refusals, not failures", value=m.l4_probes)
         reloads = CounterMetricFamily(PREFIX + "reloads", "SIGHUP reloads, applied (ok) or "
                                       "refused for a bad configuration (failed)",
                                       labels=["result"])
@@ -449,6 +462,10 @@ class _Collector:
         if m._lockout_probe is not None:
             yield GaugeMetricFamily(PREFIX + "lockout_blocked_sources", "Source addresses "
                                     "blocked by the lockout now", value=m._lockout_probe())
+        if m._lockout_certs_probe is not None:
+            yield GaugeMetricFamily(PREFIX + "lockout_blocked_certificates", "Client "
+                                    "certificates (by SHA-256 fingerprint) blocked by the "
+                                    "lockout now", value=m._lockout_certs_probe())
 
     def _commands(self) -> Iterator[Metric]:
         family = CounterMetricFamily(

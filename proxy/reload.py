@@ -19,11 +19,12 @@ from typing import TYPE_CHECKING
 from cryptography import x509
 
 from proxy import heap
+from proxy.clientcert import ClientCertChecks
 from proxy.config import Config, ConfigError
 from proxy.identity import map_role
 from proxy.metrics import identity_label
 from proxy.startup import load_everything
-from proxy.tls import backend_context, listener_context
+from proxy.tls import TLSConfigError, backend_context, listener_context
 
 if TYPE_CHECKING:
     from proxy.commands.table import CommandTable
@@ -58,11 +59,9 @@ def expiry_warnings(config: Config, now: datetime | None = None) -> list[str]:
     return warnings
 
 
-def _revoked_serials(config: Config) -> set[int]:
-    if config.listener.crl is None:
-        return set()
-    crl = x509.load_pem_x509_crl(Path(config.listener.crl).read_bytes())
-    return {entry.serial_number for entry in crl}
+def _revoked_serials(checks: ClientCertChecks) -> set[int]:
+    """Serials revoked by any CRL of the file (new connections are checked per issuer)."""
+    return {entry.serial_number for crl in checks.crls or () for entry in crl}
 
 
 def _trusted_issuers(config: Config) -> list[x509.Certificate]:
@@ -110,10 +109,11 @@ def reload(state: ServerState) -> bool:
         return False
     new, notes = _keep_fixed(old, new)
     try:
-        revoked = _revoked_serials(new)
+        cert_checks = ClientCertChecks.load(new.listener.crl)
+        revoked = _revoked_serials(cert_checks)
         issuers = _trusted_issuers(new)
         listener_ssl = listener_context(new.listener)
-    except (OSError, ValueError) as exc:  # validated above; a file changed in between
+    except (OSError, ValueError, TLSConfigError) as exc:  # validated above; a file changed
         log.error("reload refused: %s", exc)
         state.audit.write_one(state.audit.records.reload(ok=False, reason=str(exc)))
         return False
@@ -130,6 +130,9 @@ def reload(state: ServerState) -> bool:
                                  ("CRL", old.listener.crl, new.listener.crl)):
         changes.append(f"{label} reloaded from {after}" if before == after
                        else f"{label} replaced: {before} -> {after}")
+    if new.listener.x509_strict != old.listener.x509_strict:
+        changes.append(f"[listener] x509_strict = {str(new.listener.x509_strict).lower()}: "
+                       "new connections use it, live sessions are kept")
     if new.backend != old.backend:
         _reconfigure_backend(state, new)
         changes.append("backend settings changed: new connections use them")
@@ -137,7 +140,8 @@ def reload(state: ServerState) -> bool:
     state.config = new
     state.decide = decide
     state.roles = roles
-    state.listener_ssl = listener_ssl
+    state.listener_ssl = listener_ssl  # x509_strict too: new handshakes use it
+    state.cert_checks = cert_checks
     state.networks = new.listener.allow_networks
     state.apply_to_sessions(new)
     state.metrics.set_server_cert(new.listener.cert)

@@ -5,6 +5,7 @@ one Session per client, and signal handling (SIGTERM/SIGINT drain and exit 0).
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import ipaddress
 import itertools
 import logging
@@ -20,6 +21,7 @@ from typing import Any
 from proxy import __version__, heap
 from proxy.audit.writer import AuditWriter
 from proxy.backend import BackendUnavailable, make_router
+from proxy.clientcert import ClientCertChecks, strict_refusal, verified_chain
 from proxy.config import Config, backend_node
 from proxy.events import Events
 from proxy.gate import AuditGate
@@ -30,7 +32,7 @@ from proxy.policy.decision import Decision
 from proxy.policy.glob import compile_patterns
 from proxy.reload import expiry_warnings, reload
 from proxy.session import Session, SessionContext
-from proxy.tls import backend_context, listener_context
+from proxy.tls import backend_context, listener_context, strictness_warning
 
 log = logging.getLogger("phiproxy.server")
 
@@ -54,6 +56,7 @@ class ServerState:
         self.metrics.watch_audit(_AuditStatsView(self.audit.stats))
         self._conn_ids = itertools.count(1)
         self.listener_ssl = listener_context(config.listener)
+        self.cert_checks = ClientCertChecks.load(config.listener.crl)
         self.router = make_router(config.backend, backend_context(config.backend))
         self.gate = AuditGate(self.audit.write_ahead, config.audit.fail_closed,
                               after_release=self.router.flush, on_failing=self._audit_failing)
@@ -64,13 +67,18 @@ class ServerState:
             observe_latency=self.metrics.proxy_latency.observe,
             observe_rtt=self.metrics.backend_rtt.observe, deferred=False)
         lock = config.lockout
+        # Two lockouts: failures without a usable certificate count against the source
+        # address, failures with a trusted one against that certificate (proxy.lockout).
         self.lockout = Lockout(lock.failures, lock.window_s, lock.block_s) if lock.enabled \
             else None
+        self.cert_lockout = Lockout(lock.failures, lock.window_s, lock.block_s) \
+            if lock.enabled else None
         self.metrics.set_server_cert(config.listener.cert)
         self.metrics.set_client_ca(config.listener.client_ca)
         self.metrics.watch_backend(lambda: (self.router.healthy, self.router.idle_count))
-        if self.lockout is not None:
-            self.metrics.watch_lockout(self.lockout.blocked_count)
+        if self.lockout is not None and self.cert_lockout is not None:
+            self.metrics.watch_lockout(self.lockout.blocked_count,
+                                       self.cert_lockout.blocked_count)
         self.networks = config.listener.allow_networks
         self.sessions: set[Session] = set()
         self.handshaking = 0
@@ -118,13 +126,12 @@ class ServerState:
         return len(self.sessions) + self.handshaking
 
     def source_allowed(self, host: str) -> bool:
-        try:
-            addr = ipaddress.ip_address(host.split("%", 1)[0])
-        except ValueError:
-            return False
-        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-            addr = addr.ipv4_mapped
-        return any(addr in net for net in self.networks)
+        return _in_networks(host, self.networks)
+
+    def source_exempt(self, host: str) -> bool:
+        """`[lockout] exempt_networks`: never blocked as a source."""
+        exempt = self.config.lockout.exempt_networks
+        return bool(exempt) and _in_networks(host, exempt)
 
     def start_session(self, tls: asyncio.Transport, src: str) -> None:
         """A completed handshake: certificate -> identity -> role -> Session, or close."""
@@ -134,29 +141,40 @@ class ServerState:
             self.refused("no_client_cert", src)
             tls.abort()
             return
+        fingerprint = hashlib.sha256(der).hexdigest()
+        if self.cert_lockout is not None and self.cert_lockout.blocked(fingerprint):
+            self.refused("lockout", src)  # before any parsing or identity work
+            tls.abort()
+            return
+        try:
+            refusal = self.cert_checks.check(verified_chain(ssl_object))
+        except (AttributeError, ValueError) as exc:  # no chain to check: fail closed
+            self.refused("tls_error", src, f"verified chain unavailable: {exc}")
+            tls.abort()
+            return
+        if refusal is not None:
+            self.refused(refusal.reason, src, refusal.detail, subject=refusal.subject,
+                         fingerprint=fingerprint)
+            tls.abort()
+            return
         identity = identity_from_der(der)
         mapped = map_role(self.config.identities, identity)
         if mapped is None or mapped[0] not in self.roles:
-            self.events.identity_refused(src, identity.subject, identity.fingerprint,
-                                         "no [[identities]] rule matches this certificate")
-            self.audit.write_one(self.audit.records.identity_refused(
-                conn=None, src=src, identity=identity, subject=identity.subject,
-                reason="no [[identities]] rule matches this certificate"))
-            if self.lockout is not None and self.lockout.failure(src.rsplit(":", 1)[0]):
-                self._locked_out(src)
-            tls.close()
-            return
-        role_name, rule_index = mapped
-        problem = self.certificate_problem(identity, role_name)
-        if problem is not None:
+            problem: str | None = "no [[identities]] rule matches this certificate"
+        else:
+            problem = self.certificate_problem(identity, mapped[0])
+        if problem is not None or mapped is None:
             self.events.identity_refused(src, identity.subject, identity.fingerprint, problem)
             self.audit.write_one(self.audit.records.identity_refused(
                 conn=None, src=src, identity=identity, subject=identity.subject,
                 reason=problem))
+            self._certificate_failed(src, identity.subject, fingerprint)
             tls.close()
             return
-        if self.lockout is not None:
+        role_name, rule_index = mapped
+        if self.lockout is not None and self.cert_lockout is not None:
             self.lockout.success(src.rsplit(":", 1)[0])
+            self.cert_lockout.success(fingerprint)
         tls_info = {"version": ssl_object.version(), "cipher": ssl_object.cipher()[0]}
         self.events.connected(src, identity.subject, role_name, tls_info, identity.not_after)
         start_db = start_db_of(self.config.roles.get(role_name))
@@ -189,25 +207,55 @@ class ServerState:
                     f"{limit:g} h (max_cert_validity_h)")
         return None
 
-    def refused(self, reason: str, src: str, detail: str = "") -> None:
-        """A connection refused before a session; TLS and identity failures feed the lockout."""
-        lockout = self.lockout
+    def refused(self, reason: str, src: str, detail: str = "", *,
+                subject: str | None = None, fingerprint: str | None = None) -> None:
+        """A connection refused before a session; TLS and identity failures feed the lockout:
+        with `fingerprint` (a certificate that chained to a trusted CA) against that
+        certificate, without it against the source address."""
         self.events.refused(reason, src, detail, quiet=reason == "lockout")
         if reason not in ("client_closed", "lockout"):
             self.audit.write_one(self.audit.records.tls_failed(
-                conn=None, src=src, reason=f"{reason}: {detail}" if detail else reason))
-        if lockout is not None and reason in FAILURE_REASONS \
-                and lockout.failure(src.rsplit(":", 1)[0]):
+                conn=None, src=src, reason=f"{reason}: {detail}" if detail else reason,
+                subject=subject, fingerprint=fingerprint))
+        if reason not in FAILURE_REASONS:
+            return
+        if fingerprint is not None:
+            self._certificate_failed(src, subject or "", fingerprint)
+            return
+        host = src.rsplit(":", 1)[0]
+        if self.lockout is not None and not self.source_exempt(host) \
+                and self.lockout.failure(host):
             self._locked_out(src)
+
+    def _certificate_failed(self, src: str, subject: str, fingerprint: str) -> None:
+        lockout = self.cert_lockout
+        if lockout is None or not lockout.failure(fingerprint):
+            return
+        self.events.certificate_locked_out(src, subject, fingerprint, lockout.failures,
+                                           lockout.block_s)
+        self.audit.write_one(self.audit.records.lockout(
+            src=src, identity={"cn": None, "san_uri": None, "fingerprint": fingerprint},
+            blocked={"kind": "certificate", "fingerprint": fingerprint, "subject": subject},
+            failures=lockout.failures, window_s=lockout.window_s, block_s=lockout.block_s,
+            reason=f"lockout: certificate blocked for {lockout.block_s:g} s after "
+                   f"{lockout.failures} failures (revoked, expired, unmapped or over "
+                   "max_cert_validity_h); its source address is not blocked"))
 
     def _locked_out(self, src: str) -> None:
         """A source just crossed the failure threshold: logged once and audited."""
         assert self.lockout is not None
-        failures, block_s = self.lockout.failures, self.lockout.block_s
-        self.events.locked_out(src, failures, block_s)
-        self.audit.write_one(self.audit.records.tls_failed(
-            conn=None, src=src, reason=f"lockout: source blocked for {block_s:g} s after "
-                                       f"{failures} TLS/identity failures"))
+        lockout = self.lockout
+        self.events.locked_out(src, lockout.failures, lockout.block_s)
+        self.audit.write_one(self.audit.records.lockout(
+            src=src, identity=None,
+            blocked={"kind": "source", "address": src.rsplit(":", 1)[0]},
+            failures=lockout.failures, window_s=lockout.window_s, block_s=lockout.block_s,
+            reason=f"lockout: source blocked for {lockout.block_s:g} s after "
+                   f"{lockout.failures} TLS/identity failures"))
+
+    def l4_probe(self, src: str) -> None:
+        """Connected and closed (or reset) before sending a byte: a health check."""
+        self.events.l4_probe(src)
 
     # Session callbacks (the audit issue records these).
     def session_started(self, session: Session) -> None:
@@ -237,6 +285,16 @@ class ServerState:
         self.events.protocol_error(src, message)
 
 
+def _in_networks(host: str, networks: tuple[Any, ...]) -> bool:
+    try:
+        addr = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    return any(addr in net for net in networks)
+
+
 def start_db_of(role: Any) -> int:
     """A role without database 0 starts in its lowest allowed one (Redis would put every
     client in db 0, where that role may not be)."""
@@ -247,6 +305,9 @@ def start_db_of(role: Any) -> int:
 def _tls_failure_reason(exc: BaseException) -> tuple[str, str]:
     """A short machine reason and the detail, for a failed client handshake."""
     if isinstance(exc, ssl.SSLCertVerificationError):
+        strict = strict_refusal(exc)
+        if strict is not None:  # name the RFC 5280 rule and the option that admits it
+            return "cert_untrusted", strict
         message = exc.verify_message or str(exc)
         if "expired" in message:
             return "cert_expired", message
@@ -301,6 +362,9 @@ class _AuditStatsView:
     @property
     def fsync_failures(self) -> int:
         return self._stats.fsync_failures
+
+
+TLS_SHUTDOWN_TIMEOUT_S = 1.0
 
 
 class _Handshake(asyncio.Protocol):
@@ -368,10 +432,23 @@ class Acceptor:
     async def _handshake(self, conn: socket.socket, src: str) -> None:
         state = self.state
         handshake = _Handshake(state, src)
+        loop = asyncio.get_running_loop()
+        timeout = state.config.listener.handshake_timeout_s
+        started = loop.time()
         try:
-            await asyncio.get_running_loop().connect_accepted_socket(
+            if not await _first_byte(conn, timeout):
+                state.handshaking -= 1
+                state.l4_probe(src)
+                conn.close()
+                return
+            await loop.connect_accepted_socket(
                 lambda: handshake, conn, ssl=state.listener_ssl,
-                ssl_handshake_timeout=state.config.listener.handshake_timeout_s)
+                ssl_handshake_timeout=max(0.1, timeout - (loop.time() - started)),
+                # Closing waits this long for our last bytes and the client's close_notify,
+                # then drops the connection: a client that keeps writing and never reads
+                # (Redis's test suite after a protocol error) is gone within a second, as
+                # Redis closes at once; a well-behaved one answers in microseconds.
+                ssl_shutdown_timeout=TLS_SHUTDOWN_TIMEOUT_S)
         except (TimeoutError, ssl.SSLError, OSError, ConnectionError) as exc:
             state.handshaking -= 1
             reason, detail = _tls_failure_reason(exc)
@@ -381,6 +458,36 @@ class Acceptor:
             state.handshaking -= 1
             _reset(conn)
             raise
+
+
+async def _first_byte(conn: socket.socket, timeout: float) -> bool:
+    """Wait until the client sends its first byte (peeked, left for the TLS layer): True;
+    False when it closes or resets first (an L4 health check); TimeoutError when neither
+    happens in time. A ClientHello is usually queued already: then one recv, no wait."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    fd = conn.fileno()
+    while True:
+        try:
+            return bool(conn.recv(1, socket.MSG_PEEK))
+        except (BlockingIOError, InterruptedError):
+            pass
+        except ConnectionError:
+            return False
+        left = deadline - loop.time()
+        if left <= 0:
+            raise TimeoutError
+        readable = loop.create_future()
+        loop.add_reader(fd, _set_once, readable)
+        try:
+            await asyncio.wait_for(readable, left)
+        finally:
+            loop.remove_reader(fd)
+
+
+def _set_once(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 def _reset(conn: socket.socket) -> None:
@@ -487,6 +594,9 @@ async def serve(state: ServerState, *, ready: Callable[[], None] | None = None) 
         log.warning("audit: %s", state.audit.recovery)
     for warning in expiry_warnings(state.config):
         log.warning("%s", warning)
+    strictness = strictness_warning(state.config.listener)
+    if strictness is not None:
+        log.warning("%s", strictness)
     if state.config.backend.learn_commands:
         await learn_backend_commands(state)
     state.router.start()

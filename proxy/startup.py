@@ -22,6 +22,7 @@ def load_everything(path: Path,
     """
     from proxy.audit.chain import AuditError
     from proxy.audit.writer import AuditWriter
+    from proxy.clientcert import ClientCertChecks
     from proxy.policy.loader import compile_policy
     from proxy.tls import TLSConfigError, backend_context, listener_context
 
@@ -32,6 +33,10 @@ def load_everything(path: Path,
             build(section)  # type: ignore[arg-type]
         except TLSConfigError as exc:
             problems.append(f"{config.path}: {exc}")
+    try:
+        ClientCertChecks.load(config.listener.crl)
+    except TLSConfigError as exc:
+        problems.append(f"{config.path}: {exc}")
     try:
         AuditWriter(config.audit)  # loads the HMAC key: refuses a missing or short one
     except AuditError as exc:

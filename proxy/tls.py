@@ -3,14 +3,16 @@
 Listener: TLS 1.2 floor (1.3 when `min_tls = "1.3"`), 1.3 preferred (OpenSSL picks the
 highest common version), for 1.2 only ECDHE key exchange with AES-GCM or ChaCha20-Poly1305,
 server cipher order, no compression, no renegotiation, client certificate required and
-verified against `client_ca` (and the CRL when configured). Expired certificates fail
-OpenSSL's own verification.
+its chain verified against `client_ca`, RFC 5280 strict unless `x509_strict = false`.
+The validity period and the CRL are checked right after the handshake
+(proxy.clientcert says why), so that a refusal knows whose certificate it was.
 """
 
 from __future__ import annotations
 
 import ssl
 
+from proxy.clientcert import NO_CHECK_TIME
 from proxy.config import BackendConfig, ListenerConfig
 
 # TLS 1.2 suites: ECDHE (forward secrecy) + AEAD only. TLS 1.3 suites are all AEAD.
@@ -55,16 +57,27 @@ def listener_context(cfg: ListenerConfig) -> ssl.SSLContext:
     ctx.verify_mode = ssl.CERT_REQUIRED
     _load_chain(ctx, cfg.cert, cfg.key, "[listener] cert/key")
     _load_verify(ctx, cfg.client_ca, "[listener] client_ca")
-    if cfg.crl is not None:
-        _load_verify(ctx, cfg.crl, "[listener] crl")
-        ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
-    ctx.verify_flags |= ssl.VERIFY_X509_STRICT
+    # Chain only: time and CRL are ClientCertChecks' (after the handshake, certificate in
+    # hand). The CRL is not loaded here: without the CRL flag OpenSSL would ignore it.
+    ctx.verify_flags |= NO_CHECK_TIME
+    if cfg.x509_strict:
+        ctx.verify_flags |= ssl.VERIFY_X509_STRICT
     # No session resumption: every connection presents and verifies its certificate in
     # full, so a CRL or trust change can never be bypassed with a ticket issued before
     # it. It also saves ~5 KiB per connection and two ticket encryptions per handshake.
     ctx.options |= ssl.OP_NO_TICKET
     ctx.num_tickets = 0
     return ctx
+
+
+def strictness_warning(cfg: ListenerConfig) -> str | None:
+    """check-config and run warn while RFC 5280 strictness is off."""
+    if cfg.x509_strict:
+        return None
+    return ("[listener] x509_strict = false: client certificates that RFC 5280 strict checks "
+            "refuse (missing key identifiers, non-critical SAN with an empty subject, ...) "
+            "are admitted; set it back to true once the client CA issues compliant "
+            "certificates")
 
 
 def backend_context(cfg: BackendConfig) -> ssl.SSLContext | None:

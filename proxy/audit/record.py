@@ -29,8 +29,9 @@ from typing import Any
 _q = json.encoder.encode_basestring_ascii  # type: ignore[attr-defined]
 
 EVENTS = ("start", "stop", "reload", "connect", "tls_failed", "identity_refused", "auth",
-          "command", "denied", "disconnect", "recovered")
-WARNING_EVENTS = frozenset({"denied", "tls_failed", "identity_refused", "recovered"})
+          "command", "denied", "disconnect", "recovered", "lockout")
+WARNING_EVENTS = frozenset({"denied", "tls_failed", "identity_refused", "recovered",
+                            "lockout"})
 
 _NAME_CACHE_MAX = 4096  # command names come from clients: bound what we remember
 _DB = [b',"db":' + str(i).encode() for i in range(64)]
@@ -139,6 +140,16 @@ class AuditRecords:
         return self._body("identity_refused", self._context(conn, src, identity, None),
                           _fields([("reason", qstr(reason)), ("subject", qstr(subject)),
                                    ("fingerprint", qstr(fingerprint))]))
+
+    def lockout(self, *, src: Any, identity: Any, blocked: Mapping[str, str],
+                failures: int, window_s: float, block_s: float, reason: str) -> bytes:
+        """A block started. `blocked`: {"kind": "source", "address": ip} or {"kind":
+        "certificate", "fingerprint": sha256 hex, "subject": ...}; `src` is the connection
+        whose failure started it, `identity` the certificate's when there was one."""
+        what = b"{" + b",".join(qstr(k) + b":" + qstr(v) for k, v in blocked.items()) + b"}"
+        return self._body("lockout", self._context(None, src, identity, None), _fields(
+            [("blocked", what), ("failures", _num(failures)), ("window_s", _num(window_s)),
+             ("block_s", _num(block_s)), ("reason", qstr(reason))]))
 
     def connection(self, conn: int | None, src: Any, identity: Any,
                    role: str | None) -> ConnectionRecords:

@@ -42,9 +42,10 @@ def value(text: str, name: str, **labels: str) -> float:
     raise AssertionError(f"no {name}{labels} in metrics")
 
 
-def refused_once(proxy: Proxy) -> None:
-    """One connection with an unmapped certificate: refused after the handshake."""
-    ctx = proxy.ssl_context("nobody")
+def refused_once(proxy: Proxy, client: str = "nobody") -> None:
+    """One connection with an unmapped certificate: refused after the handshake (or with
+    `client`'s certificate)."""
+    ctx = proxy.ssl_context(client)
     with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as raw:
         try:
             with ctx.wrap_socket(raw, server_hostname="localhost") as tls:
@@ -128,7 +129,7 @@ def test_lockout_blocks_a_source_after_repeated_failures(pki: PKI, backend: Redi
     proxy = start_proxy(config, pki, port)
     try:
         for _ in range(3):
-            refused_once(proxy)
+            refused_once(proxy, "other-ca")  # no trusted certificate: counts per source
         time.sleep(0.2)
         # Now even a good certificate from the same source is refused before the handshake.
         with pytest.raises(redis.ConnectionError):
@@ -139,6 +140,8 @@ def test_lockout_blocks_a_source_after_repeated_failures(pki: PKI, backend: Redi
         assert value(text, "phiproxy_lockout_blocked_sources") == 1
         assert "blocked for 30 s after 3" in proxy.stderr()
         trail = (proxy.config.parent / "audit.jsonl").read_text()
+        assert '"event":"lockout"' in trail
+        assert '"blocked":{"kind":"source","address":"127.0.0.1"}' in trail
         assert '"reason":"lockout: source blocked for 30 s after 3' in trail
     finally:
         proxy.stop()
