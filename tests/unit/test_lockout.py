@@ -167,3 +167,88 @@ def test_lockout_section(site: Site) -> None:
 def test_lockout_mistakes_name_the_key(site: Site, key: str, raw: object, expect: str) -> None:
     site.doc["lockout"] = {key: raw}
     assert expect in site.problem()
+
+
+def test_exempt_networks(site: Site) -> None:
+    import ipaddress
+
+    assert site.load().lockout.exempt_networks == ()
+    site.doc["lockout"] = {"exempt_networks": ["10.0.8.0/24", "fd00::/8"]}
+    assert site.load().lockout.exempt_networks == (ipaddress.ip_network("10.0.8.0/24"),
+                                                   ipaddress.ip_network("fd00::/8"))
+
+
+@pytest.mark.parametrize(("raw", "expect"), [
+    (["10.0.8.1/24"], '[lockout] exempt_networks = ["10.0.8.1/24"]: "10.0.8.1/24" is not a '
+                      'network'),
+    (["10.0.8.1/24"], 'did you mean "10.0.8.0/24"?'),
+    ("10.0.8.0/24", "[lockout] exempt_networks"),
+    ([7], "[lockout] exempt_networks"),
+])
+def test_exempt_networks_mistakes_name_file_and_key(site: Site, raw: object,
+                                                   expect: str) -> None:
+    site.doc["lockout"] = {"exempt_networks": raw}
+    problem = site.problem()
+    assert problem.startswith(f"{site.file}: ")
+    assert expect in problem
+
+
+def test_x509_strict_config(site: Site) -> None:
+    assert site.load().listener.x509_strict is True
+    site.doc["listener"]["x509_strict"] = False
+    assert site.load().listener.x509_strict is False
+    site.doc["listener"]["x509_strict"] = "no"
+    assert '[listener] x509_strict = "no": must be a boolean' in site.problem()
+
+
+def test_lockout_audit_record(tmp_path: Path) -> None:
+    import json
+
+    from proxy.audit.record import WARNING_EVENTS, AuditRecords
+    from proxy.audit.verify import verify
+    from proxy.audit.writer import AuditWriter
+    from proxy.config import AuditConfig
+
+    key = os.urandom(32)
+    records = AuditRecords("test", "p1")
+    fp = "ab" * 32
+    bodies = [
+        records.lockout(src="10.0.0.9:4242", identity=None,
+                        blocked={"kind": "source", "address": "10.0.0.9"}, failures=5,
+                        window_s=60.0, block_s=300.0, reason="lockout: source blocked"),
+        records.lockout(src="10.0.0.9:4243",
+                        identity={"cn": None, "san_uri": None, "fingerprint": fp},
+                        blocked={"kind": "certificate", "fingerprint": fp, "subject": "CN=x"},
+                        failures=5, window_s=60.0, block_s=300.0, reason="lockout: cert"),
+    ]
+    path = tmp_path / "audit.jsonl"
+    writer = AuditWriter(AuditConfig(path=str(path), environment="test", instance="p1"),
+                         key=key)
+    writer.open()
+    assert writer.write(bodies)
+    writer.close()
+    source, cert = (json.loads(line) for line in path.read_text().splitlines())
+    assert list(source) == ["ts", "seq", "event", "environment", "instance", "conn", "src",
+                            "identity", "role", "blocked", "failures", "window_s", "block_s",
+                            "reason", "prev", "mac"]
+    assert source["event"] == "lockout" and source["identity"] is None
+    assert source["blocked"] == {"kind": "source", "address": "10.0.0.9"}
+    assert cert["blocked"] == {"kind": "certificate", "fingerprint": fp, "subject": "CN=x"}
+    assert cert["identity"]["fingerprint"] == fp and cert["block_s"] == 300
+    assert "lockout" in WARNING_EVENTS  # syslog severity warning
+    assert verify([str(path)], key).records == 2  # raises Broken otherwise
+
+
+def test_metrics_export_probes_and_blocked_certificates() -> None:
+    from proxy.metrics import Metrics
+
+    metrics = Metrics(commands=())
+    metrics.watch_lockout(lambda: 2, lambda: 3)
+    metrics.l4_probe()
+    metrics.connection_refused("crl_unavailable")
+    text = metrics.exposition().decode()
+    assert "phiproxy_l4_probes_total 1.0" in text
+    assert "phiproxy_lockout_blocked_sources 2.0" in text
+    assert "phiproxy_lockout_blocked_certificates 3.0" in text
+    assert 'phiproxy_connections_total{reason="crl_unavailable",result="refused"} 1.0' in text
+    assert 'phiproxy_connections_total{reason="lockout",result="refused"} 0.0' in text
