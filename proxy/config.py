@@ -396,17 +396,24 @@ def _resolve(base: Path, raw: str) -> Path:
 
 
 def _file_problem(path: Path) -> str | None:
-    if not path.exists():
-        return (f"{path} does not exist; fix the path (relative paths start at the config "
-                f"file's directory) or create the file")
-    if not path.is_file():
-        return f"{path} is not a regular file; give the path of a file"
+    try:  # exists() raises for e.g. a name longer than the file system allows
+        if not path.exists():
+            return (f"{path} does not exist; fix the path (relative paths start at the config "
+                    f"file's directory) or create the file")
+        if not path.is_file():
+            return f"{path} is not a regular file; give the path of a file"
+    except OSError as e:
+        return _unexaminable(path, e)
     try:
         with open(path, "rb"):
             pass
     except OSError as e:
         return f"{path} cannot be read ({e.strerror}); give this user read access"
     return None
+
+
+def _unexaminable(path: Path, e: OSError) -> str:
+    return f"{path} cannot be examined ({e.strerror}); fix the path"
 
 
 def _read_toml(path: Path, label: str) -> dict[str, Any]:
@@ -634,9 +641,12 @@ def _unix_socket(t: _Table) -> Path | None:
     if both:
         t.fault("unix_socket", f"give either unix_socket or address/port, not both "
                                f"(remove {' and '.join(both)})")
-    if path.exists() and not stat.S_ISSOCK(path.stat().st_mode):
-        t.fault("unix_socket", f"{path} is not a socket; give the path of Redis's "
-                               "unixsocket")
+    try:
+        if path.exists() and not stat.S_ISSOCK(path.stat().st_mode):
+            t.fault("unix_socket", f"{path} is not a socket; give the path of Redis's "
+                                   "unixsocket")
+    except OSError as e:
+        t.fault("unix_socket", _unexaminable(path, e))
     return path
 
 
@@ -666,6 +676,14 @@ def _audit_path(t: _Table) -> str:
             t.fault("path", str(e))
         return raw
     path = _resolve(t.p.base, raw)
+    try:
+        return _audit_file(t, raw, path)
+    except OSError as e:  # e.g. a name longer than the file system allows
+        t.fault("path", _unexaminable(path, e))
+        return raw
+
+
+def _audit_file(t: _Table, raw: str, path: Path) -> str:
     if path.is_dir():
         t.fault("path", f"{path} is a directory; give a file path such as audit/audit.jsonl")
         return raw

@@ -509,3 +509,17 @@ def test_several_problems_are_reported_together(site: Site, tmp_path: Path) -> N
     assert "unknown key [backend] pool_sise; did you mean 'pool_size'?" in joined
     assert "[[identities]] #1 role" in joined
     assert "[backend] key" in joined and "chmod 600" in joined
+
+
+@pytest.mark.parametrize(("section", "key"), [("listener", "cert"), ("backend", "password_file"),
+                                              ("audit", "path"), ("audit", "key_file"),
+                                              ("backend", "unix_socket")])
+def test_a_path_the_file_system_cannot_examine_is_a_problem_not_a_crash(
+        site: Site, section: str, key: str) -> None:
+    # Found by tests/fuzz/fuzz_config.py: a name longer than NAME_MAX made exists() raise
+    # OSError (ENAMETOOLONG) out of load_config instead of a ConfigError.
+    site.doc[section][key] = "x" * 300
+    if key == "unix_socket":
+        del site.doc["backend"]["address"], site.doc["backend"]["port"]
+    problems = [p for p in site.problems() if f"[{section}] {key}" in p]
+    assert len(problems) == 1 and "cannot be examined (File name too long)" in problems[0]
