@@ -4,7 +4,7 @@ Each record line (without its newline) is the MSG of one message:
 
     LEN SP <PRI>1 TIMESTAMP HOSTNAME phiproxy PROCID EVENT - {"ts":...,"mac":"..."}
 
-PRI = facility * 8 + severity (warning for denied/tls_failed/identity_refused/recovered,
+PRI = facility * 8 + severity (warning for denied/tls_failed/identity_refused/recovered/lockout,
 info otherwise); TIMESTAMP is the record's own `ts`; MSGID is the event name.
 
 It never blocks the event loop: the socket is non-blocking; what the kernel does not take
