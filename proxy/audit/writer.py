@@ -236,6 +236,9 @@ class AuditWriter:
             self._resume()
         except BaseException:
             self._open = False
+            if self._syncer is not None:
+                self._syncer.stop()
+                self._syncer = None
             self.sink.close()
             raise
 
