@@ -91,6 +91,15 @@ class ReplyQueue:
         self._plain: dict[int, Pending] = {}  # id(slot) -> shared PLAIN entry
         self._silent: dict[int, Pending] = {}
 
+    def detach(self) -> None:
+        """The client is gone: drop what refers back to it or to this queue (its sink,
+        the shared entries), so refcounting frees both at once instead of a full
+        collection later. Entries still in a backend FIFO keep working; their replies
+        have nowhere to go."""
+        self.sink = None
+        self._plain.clear()
+        self._silent.clear()
+
     # ---------------------------------------------------------------- requests
     def plain(self, slot: list[int]) -> Pending:
         """The entry for a command whose reply is relayed as it is (silenced if CLIENT

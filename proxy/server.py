@@ -81,6 +81,7 @@ class ServerState:
                                        self.cert_lockout.blocked_count)
         self.networks = config.listener.allow_networks
         self.sessions: set[Session] = set()
+        self.trimmer = heap.Trimmer()  # memory back to the system after connection storms
         self.handshaking = 0
         self.drain_timeout_s = config.listener.drain_timeout_s
 
@@ -213,6 +214,7 @@ class ServerState:
         with `fingerprint` (a certificate that chained to a trusted CA) against that
         certificate, without it against the source address."""
         self.events.refused(reason, src, detail, quiet=reason == "lockout")
+        self.trimmer.closed()
         if reason not in ("client_closed", "lockout"):
             self.audit.write_one(self.audit.records.tls_failed(
                 conn=None, src=src, reason=f"{reason}: {detail}" if detail else reason,
@@ -265,6 +267,7 @@ class ServerState:
             tls_version=info.get("version"), cipher=info.get("cipher")))
 
     def session_ended(self, session: Session, reason: str) -> None:
+        self.trimmer.closed()
         if session in self.sessions:
             self.sessions.discard(session)
             self.audit.write_one(session.audit_conn.disconnect(

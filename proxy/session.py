@@ -257,6 +257,10 @@ class Session(asyncio.Protocol):
         self.transport = None
         self.ctx.hooks.session_ended(
             self, self.close_reason or ("client closed" if exc is None else str(exc)))
+        # The queue's sink is this session (a cycle): replies still owed are dropped
+        # anyway, and without it refcounting frees the session now, not a full collection
+        # later (heap.Trimmer: after a storm, those collections were 100-200 ms).
+        self.queue.detach()
 
     def pause_writing(self) -> None:
         # The client reads slower than replies come: stop reading its requests. Its own
