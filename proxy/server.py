@@ -173,9 +173,11 @@ class ServerState:
             tls.close()
             return
         role_name, rule_index = mapped
-        if self.lockout is not None and self.cert_lockout is not None:
-            self.lockout.success(src.rsplit(":", 1)[0])
+        if self.cert_lockout is not None:
             self.cert_lockout.success(fingerprint)
+        # A source's failures are not forgiven by a success from the same address: the
+        # healthy service next to an attacker (or behind the same NAT) would launder
+        # the attacker's failures. Use [lockout] exempt_networks for shared gateways.
         tls_info = {"version": ssl_object.version(), "cipher": ssl_object.cipher()[0]}
         self.events.connected(src, identity.subject, role_name, tls_info, identity.not_after)
         start_db = start_db_of(self.config.roles.get(role_name))

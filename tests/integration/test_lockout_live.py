@@ -177,6 +177,19 @@ def test_failures_without_a_trusted_certificate_block_the_source(
     audit_verify(proxy)
 
 
+def test_a_good_client_on_the_same_host_does_not_launder_an_attackers_failures(
+        pki: PKI, backend: RedisServer, tmp_path: Path) -> None:
+    proxy, mport = start(pki, backend, tmp_path, lockout="failures = 3\nblock_s = 30")
+    try:
+        for _ in range(2):  # failures interleaved with successes from the same address
+            assert client(proxy, "") is None
+            assert client(proxy, "app-writer") == b"+PONG\r\n"
+        assert client(proxy, "other-ca") is None  # the third failure within the window
+        wait_for(lambda: value(scrape(mport)[1], "phiproxy_lockout_blocked_sources") == 1)
+    finally:
+        assert proxy.stop() == 0
+
+
 def test_exempt_networks_are_never_blocked_as_a_source(
         pki: PKI, backend: RedisServer, tmp_path: Path) -> None:
     proxy, mport = start(pki, backend, tmp_path,
