@@ -1,0 +1,54 @@
+"""`[[protect]]` rules: which keys are protected and how (SPEC §3, §9). First match wins."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from proxy.policy.glob import Matcher, compile_glob
+
+
+@dataclass(frozen=True)
+class ProtectRule:
+    """One `[[protect]]` table, in file order (`index` from 0)."""
+
+    index: int
+    keys: tuple[str, ...]  # Redis glob patterns, as written
+    encrypt: bool = False
+    max_ttl_s: int | None = None  # no protected key lives longer than this
+    default_ttl_s: int | None = None  # given to a protected key written without a TTL
+    _matchers: tuple[Matcher, ...] = field(default=(), compare=False, repr=False)
+
+    @property
+    def name(self) -> str:
+        """How errors and the audit trail name the rule."""
+        return f"[[protect]] #{self.index + 1} ({', '.join(self.keys)})"
+
+    @property
+    def list_binding(self) -> bytes:
+        """What list elements under this rule are bound to (crypto's module docstring)."""
+        return "\n".join(self.keys).encode()
+
+    def matches(self, key: bytes) -> bool:
+        return any(match(key) for match in self._matchers)
+
+
+def make_rule(index: int, keys: tuple[str, ...], *, encrypt: bool = False,
+              max_ttl_s: int | None = None, default_ttl_s: int | None = None) -> ProtectRule:
+    return ProtectRule(index, keys, encrypt, max_ttl_s, default_ttl_s,
+                       tuple(compile_glob(k.encode()) for k in keys))
+
+
+class Protection:
+    """Every rule, and the lookup the hot path makes per key."""
+
+    def __init__(self, rules: tuple[ProtectRule, ...] = ()) -> None:
+        self.rules = rules
+
+    def __bool__(self) -> bool:
+        return bool(self.rules)
+
+    def rule_for(self, key: bytes) -> ProtectRule | None:
+        for rule in self.rules:
+            if rule.matches(key):
+                return rule
+        return None
