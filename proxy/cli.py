@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from proxy import __version__
 from proxy.config import ConfigError
 from proxy.startup import load_everything
 
@@ -18,6 +19,7 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="phiproxy", description="Redis proxy for PHI: mutual TLS, per-role policy, audit.")
+    parser.add_argument("--version", action="version", version=f"phiproxy {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = sub.add_parser("run", help="serve until SIGTERM/SIGINT")
