@@ -7,6 +7,10 @@ A failure names the input: `mutation-N` is reproducible from tests/fuzz/mutate.p
 from __future__ import annotations
 
 import importlib
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -30,3 +34,16 @@ def test_short_fuzz_run(target: str) -> None:
 
 def test_mutations_are_reproducible() -> None:
     assert list(inputs("request", 50)) == list(inputs("request", 50))
+
+
+def test_bench_fuzz_runs_atheris_and_reports(tmp_path: Path) -> None:
+    """bench/fuzz.py drives a real atheris run and parses its figures (2 s of one target)."""
+    root = Path(__file__).resolve().parents[2]
+    out = subprocess.run([sys.executable, str(root / "bench" / "fuzz.py"), "--seconds", "2",
+                          "--work", str(tmp_path), "request"], cwd=root, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    line = next(line for line in out.stdout.splitlines() if line.startswith("request"))
+    executions = int(re.search(r"executions\s+(\d+)", line).group(1))
+    cov = int(re.search(r"cov\s+(\d+)", line).group(1))
+    assert executions > 100 and cov > 50 and line.endswith("crashes 0"), line
