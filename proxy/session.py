@@ -38,6 +38,7 @@ from proxy.identity import Identity
 from proxy.metrics import CommandCounts
 from proxy.policy.decision import Decision
 from proxy.policy.errors import noperm_unfilterable_in_multi
+from proxy.protect.transform import Plan, Protector, Refusal
 from proxy.replies import (
     DENIED,
     EXEC,
@@ -46,6 +47,7 @@ from proxy.replies import (
     PLAIN,
     REPLACE,
     RESET,
+    SILENT,
     SUB,
     SUB_KINDS,
     Pending,
@@ -95,13 +97,14 @@ class SessionContext:
 
     __slots__ = ("limits", "idle_timeout_s", "drain_timeout_s", "max_reply_buffer_bytes",
                  "is_phi", "gate", "router", "hooks", "observe_latency", "observe_rtt",
-                 "deferred")
+                 "deferred", "protector")
 
     def __init__(self, *, limits: LimitsConfig, idle_timeout_s: float,
                  drain_timeout_s: float, is_phi: Callable[[bytes], bool], gate: AuditGate,
                  router: Router, hooks: SessionHooks,
                  observe_latency: Callable[[float], None],
-                 observe_rtt: Callable[[float], None], deferred: bool = True) -> None:
+                 observe_rtt: Callable[[float], None], deferred: bool = True,
+                 protector: Protector | None = None) -> None:
         self.limits = limits
         self.idle_timeout_s = idle_timeout_s
         self.drain_timeout_s = drain_timeout_s
@@ -113,6 +116,7 @@ class SessionContext:
         self.observe_latency = observe_latency
         self.observe_rtt = observe_rtt
         self.deferred = deferred  # False: each read is decided at once (no running loop)
+        self.protector = protector  # [[protect]] rules and keys (None or falsy: none)
 
 
 class Session(asyncio.Protocol):
@@ -318,6 +322,7 @@ class Session(asyncio.Protocol):
         self._records = batch.records
         items, entries, qidx = batch.items, batch.entries, batch.qidx
         decide, role, counts, is_phi = self._decide, self.role, self.counts, self.ctx.is_phi
+        protector = self.ctx.protector
         plain = handled = 0
         for argv in commands:
             handled += 1
@@ -340,12 +345,33 @@ class Session(asyncio.Protocol):
             if reply_filter is not None:
                 self._forward_filtered(argv, decision)
                 continue
+            plan = None
+            if protector and keys:
+                try:
+                    plan = protector.plan(command, argv, keys)
+                except Refusal as refusal:
+                    self._refuse(decision._replace(
+                        allowed=False, reason=refusal.reason, extra="protected",
+                        error=refusal.error))
+                    continue
+                if plan is not None and self._in_multi and (plan.reply or plan.extra):
+                    self._refuse(decision._replace(
+                        allowed=False, extra="protected",
+                        reason=f"protected: '{command}' inside MULTI",
+                        error=canned.error(
+                            f"phiproxy: '{command.upper()}' on a protected key inside MULTI "
+                            "is not supported (its reply or TTL would need rewriting "
+                            "inside EXEC); run it outside the transaction")))
+                    continue
             if command in _BLOCKING and not self._pinned and self._blocks(command, argv):
                 self._pin()
             if sensitive or (keys and (is_phi(keys[0]) if len(keys) == 1
                                        else any(map(is_phi, keys)))):
                 batch.audited.append(len(items))
                 self._records.append(self.audit_conn.command(command, keys, queue.db))
+            if plan is not None:
+                self._add_protected(plan, counts[command])
+                continue
             items.append(argv)
             entries.append(queue.plain(counts[command]))
             qidx.append(len(queue.entries) - 1)
@@ -357,6 +383,20 @@ class Session(asyncio.Protocol):
             batch.raw = raw
         self._batch = None
         return batch
+
+    def _add_protected(self, plan: Plan, slot: list[int]) -> None:
+        """A command on a protected key as `plan` rewrote it, then the proxy's own
+        follow-ups (a default TTL) whose replies the client never sees."""
+        batch, queue = self._batch, self.queue
+        assert batch is not None
+        batch.items.append(plan.argv)
+        batch.entries.append(queue.special(FILTER, slot, filter=plan.reply)
+                             if plan.reply is not None else queue.plain(slot))
+        batch.qidx.append(len(queue.entries) - 1)
+        for extra in plan.extra:
+            batch.items.append(extra)
+            batch.entries.append(queue.special(SILENT))
+            batch.qidx.append(len(queue.entries) - 1)
 
     def _finish(self, batch: Batch, ok: bool) -> None:
         """Send a prepared read once its records are written; if they could not be (and
