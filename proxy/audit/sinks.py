@@ -21,6 +21,7 @@ from proxy.audit.chain import AuditError
 log = logging.getLogger("phiproxy.audit")
 
 _os_write = os.write  # module-level so tests can simulate short writes
+ERROR_EVERY_S = 10.0  # while writes keep failing, an error line this often at most
 
 
 class FileSink:
@@ -58,6 +59,10 @@ class FileSink:
         self._id: tuple[int, int] | None = None
         self._dirty = False  # a torn batch is still at the end of the file
         self._next_check = 0.0
+        # While writes keep failing (a full disk), one error line per ERROR_EVERY_S, not
+        # one per batch (a busy proxy fails hundreds of batches a second).
+        self._error_logged_at: float | None = None
+        self._errors_unlogged = 0
 
     # --- opening --------------------------------------------------------------------
     def open(self) -> None:
@@ -155,14 +160,25 @@ class FileSink:
             self._failed(e)
             return False
         if written != len(data):  # torn: take it back before the chain moves on
-            self._failed(OSError(errno.ENOSPC, f"short write ({written} of {len(data)})"),
-                         torn=True)
+            self._failed(OSError(errno.ENOSPC, f"short write ({written} of {len(data)} bytes): "
+                                               "the filesystem is full or a file size limit "
+                                               "was reached"), torn=True)
             return False
         self.size += written
+        if self._error_logged_at is not None:  # failing no more: the next failure logs
+            self._error_logged_at, self._errors_unlogged = None, 0
         return True
 
     def _failed(self, e: OSError, torn: bool = False) -> None:
-        log.error("audit: cannot write %s: %s", self.path, e.strerror or e)
+        now = time.monotonic()
+        if self._error_logged_at is None or now - self._error_logged_at >= ERROR_EVERY_S:
+            more = (f" ({self._errors_unlogged} more failed writes in the last "
+                    f"{now - self._error_logged_at:.0f} s)"
+                    if self._error_logged_at is not None and self._errors_unlogged else "")
+            log.error("audit: cannot write %s: %s%s", self.path, e.strerror or e, more)
+            self._error_logged_at, self._errors_unlogged = now, 0
+        else:
+            self._errors_unlogged += 1
         if torn and self.regular:
             try:
                 os.ftruncate(self._fd, self.size)  # type: ignore[arg-type]
