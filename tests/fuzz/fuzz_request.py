@@ -102,13 +102,11 @@ def check(data: bytes) -> None:
 
 def _judged_early(message: str, stream: bytes, pending: int, lim: Limits) -> bool:
     """A partial command refused before it is complete: only where no continuation
-    could make it valid (a too-long line, a CR not followed by LF, a limit)."""
+    could make it valid (a too-long line, a CR not followed by LF)."""
     rest = stream[pending:]
-    if message in ("too big inline request",):
+    if message == "too big inline request":
         return len(rest) > lim.max_inline_bytes
     if message.startswith("too big"):
         return len(rest) > 64 * 1024
-    if message == "query buffer limit exceeded":
-        return True  # declared by a complete header; the reference names it when complete
     # A header line with a CR followed by something other than LF.
     return any(rest[i] == 13 and rest[i + 1] != 10 for i in range(len(rest) - 1))
