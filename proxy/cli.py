@@ -61,6 +61,9 @@ def _parser() -> argparse.ArgumentParser:
 
     add_verify_arguments(audit_sub.add_parser(
         "verify", help="check the audit hash chain (exit 0 ok, 1 broken, 2 bad usage)"))
+    from proxy.review.cli import add_arguments as add_review_arguments
+
+    add_review_arguments(sub)
     return parser
 
 
@@ -84,6 +87,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from proxy.scan import cmd_scan_backend
 
         return cmd_scan_backend(args)
+    if args.command in ("access-review", "report"):
+        from proxy.review.cli import cmd_access_review, cmd_report
+
+        return cmd_access_review(args) if args.command == "access-review" else cmd_report(args)
     return EXIT_USAGE
 
 
