@@ -19,6 +19,7 @@ command -v redis-cli >/dev/null || missing+=(redis-tools)
 command -v openssl >/dev/null || missing+=(openssl)
 command -v promtool >/dev/null || missing+=(prometheus)  # promtool tests the alert rules
 [ -x /usr/sbin/rsyslogd ] || missing+=(rsyslog)  # a real syslog collector for the audit sink tests
+command -v chromium >/dev/null || missing+=(chromium)  # renders report.html in the evidence-pack tests
 if [ ${#missing[@]} -gt 0 ]; then apt_install "${missing[@]}"; fi
 # Debian starts a plaintext redis-server on 6379 when the package is installed; we never use it.
 

@@ -152,7 +152,26 @@ step "9. the backend's hardening, by HIPAA section (phiproxy scan-backend; the d
 printf '$ phiproxy scan-backend -c %s | grep -E "^HIPAA|FAIL|summary"\n' "$RUN/phiproxy.toml"
 phiproxy scan-backend -c "$RUN/phiproxy.toml" 2>&1 | grep -E "^HIPAA|^  FAIL|^summary" | sed 's/^/  /' || true
 
-step "10. what the proxy logged (stderr)"
+step "10. access review: per identity and role, what was granted, used, refused; a tightened rule"
+show phiproxy access-review -c "$RUN/phiproxy.toml" --since 1d
+
+step "11. the evidence pack for an auditor (phiproxy report: report.html, report.json)"
+show phiproxy report -c "$RUN/phiproxy.toml" --since 1d --out "$RUN/evidence"
+python - "$RUN/evidence/report.json" <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1]))
+print(f"  audit trail: {r['trail_status']}; controls: {r['controls']['summary']}")
+for f in r["findings"][:5]:
+    print(f"  [{f['severity']}] {f['finding'][:110]}")
+print(f"  ... {len(r['findings'])} findings; open {sys.argv[1][:-4]}html in a browser or print it")
+PY
+if grep -q 'patient:1001' "$RUN/evidence/report.html" "$RUN/evidence/report.json"; then
+  echo "  !! a key name reached the evidence pack"
+else
+  echo "  (no key name, e.g. app:phi:patient:1001, appears in the evidence pack)"
+fi
+
+step "12. what the proxy logged (stderr)"
 sleep 0.2
 sed 's/^/  /' "$RUN/proxy.log"
 printf '\nDemo files are in %s (certificates, configuration, logs).\n' "$RUN"
