@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import shlex
 import sys
 from collections.abc import Iterator
 
@@ -33,5 +34,8 @@ def run_atheris(target: str, argv: list[str]) -> None:
 
     with atheris.instrument_imports(include=["proxy"]):
         module = importlib.import_module(f"tests.fuzz.fuzz_{target}")
-    atheris.Setup([sys.argv[0], *argv], module.check)
+    # libFuzzer re-runs argv[0] through the shell for -merge, -fork and -jobs: make it the
+    # command that runs this harness again.
+    again = f"{shlex.quote(sys.executable)} -m tests.fuzz {target}"
+    atheris.Setup([again, *argv], module.check)
     atheris.Fuzz()
