@@ -64,6 +64,9 @@ def _parser() -> argparse.ArgumentParser:
     from proxy.review.cli import add_arguments as add_review_arguments
 
     add_review_arguments(sub)
+    from proxy.protect.keys_cli import add_arguments as add_keys_arguments
+
+    add_keys_arguments(sub)
     return parser
 
 
@@ -87,6 +90,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from proxy.scan import cmd_scan_backend
 
         return cmd_scan_backend(args)
+    if args.command == "keys":
+        from proxy.protect.keys_cli import cmd_keys
+
+        return cmd_keys(args)
     if args.command in ("access-review", "report"):
         from proxy.review.cli import cmd_access_review, cmd_report
 
@@ -110,11 +117,25 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     print(f"{config.path}: OK: listener {config.listener.address}:{config.listener.port}, "
           f"backend {backend_node(config.backend)}, "
-          f"{len(roles)} roles, {len(config.identities)} identity rules")
+          f"{len(roles)} roles, {len(config.identities)} identity rules"
+          f"{_protection_summary(config)}")
     strictness = strictness_warning(config.listener)
     if strictness is not None:
         print(f"warning: {config.path}: {strictness}", file=sys.stderr)
     return EXIT_OK
+
+
+def _protection_summary(config: Any) -> str:
+    """check-config's words on [[protect]] and the keyring (ids only, never key material)."""
+    rules = config.protection.rules
+    cipher = config.encryption.cipher
+    if not rules and cipher is None:
+        return ""
+    text = f", {len(rules)} protect rules ({sum(r.encrypt for r in rules)} encrypting)"
+    if cipher is not None:
+        text += (f", keyring {config.encryption.keyring}: primary {cipher.primary}, "
+                 f"{len(cipher.key_ids)} keys")
+    return text
 
 
 def cmd_run(args: argparse.Namespace) -> int:

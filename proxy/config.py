@@ -23,6 +23,9 @@ from typing import Any
 
 from proxy.audit.chain import AuditError, load_key
 from proxy.audit.target import SYSLOG_FACILITIES, is_syslog, parse_syslog_url
+from proxy.protect.crypto import Cipher
+from proxy.protect.keyring import KeyringError, load_keyring
+from proxy.protect.rules import Protection, make_rule
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -162,6 +165,20 @@ class PolicyConfig:
     disabled_commands: tuple[str, ...] = ()  # lower-case "cmd" or "cmd|sub"
 
 
+PLAINTEXT_READS = ("refuse", "pass")
+
+
+@dataclass(frozen=True)
+class EncryptionConfig:
+    """`[encryption]` (SPEC §9): the keyring, loaded and checked with the file."""
+
+    keyring: Path | None = None
+    # a stored protected value that is not ciphertext (written before protection was on)
+    plaintext_reads: str = "refuse"  # "refuse" | "pass"
+    # read from `keyring` at load, like [backend] password from password_file
+    cipher: Cipher | None = field(default=None, repr=False, compare=False)
+
+
 @dataclass(frozen=True)
 class Config:
     path: Path
@@ -174,6 +191,8 @@ class Config:
     identities: tuple[IdentityRule, ...]
     lockout: LockoutConfig = field(default_factory=LockoutConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
+    encryption: EncryptionConfig = field(default_factory=EncryptionConfig)
+    protection: Protection = field(default_factory=Protection)  # [[protect]], file order
 
 
 # ---------------------------------------------------------------------------------------
@@ -453,6 +472,8 @@ _SECTIONS: dict[str, tuple[str, ...]] = {
     "limits": _keys(LimitsConfig),
     "lockout": _keys(LockoutConfig),
     "policy": _keys(PolicyConfig),
+    "encryption": _keys(EncryptionConfig, exclude=("cipher",)),
+    "protect": (),
     "roles": (),
     "identities": (),
 }
@@ -820,6 +841,69 @@ def _policy(p: _Problems, data: dict[str, Any]) -> PolicyConfig:
     return PolicyConfig(tuple(dict.fromkeys(n.strip().lower() for n in names)))
 
 
+def _encryption(p: _Problems, data: dict[str, Any]) -> EncryptionConfig:
+    t = _section(p, data, "encryption", required=False)
+    if t is None:
+        return EncryptionConfig()
+    reads = t.string("plaintext_reads", EncryptionConfig.plaintext_reads, example='"refuse"')
+    if reads not in PLAINTEXT_READS:
+        t.fault("plaintext_reads", 'must be "refuse" or "pass"; e.g. plaintext_reads = "refuse"')
+        reads = EncryptionConfig.plaintext_reads
+    path = t.file("keyring", secret=True)  # exists, readable, 0600
+    cipher = None
+    if path is not None:
+        try:
+            cipher = load_keyring(path)
+        except KeyringError as e:
+            t.fault("keyring", str(e))
+            path = None
+    return EncryptionConfig(keyring=path, plaintext_reads=reads or "refuse", cipher=cipher)
+
+
+def _ttl(t: _Table, key: str) -> int | None:
+    if key not in t.data:
+        return None
+    value = t.integer(key, 0, 1, what="a number of seconds")
+    return value or None
+
+
+def _protection(p: _Problems, data: dict[str, Any], encryption: EncryptionConfig) -> Protection:
+    """`[[protect]]`: first match wins (SPEC §3, §9)."""
+    example = '[[protect]] with keys = ["app:phi:*"] and encrypt = true'
+    raw = data.get("protect", [])
+    if not isinstance(raw, list) or not all(isinstance(i, dict) for i in raw):
+        p.add(f"[[protect]] must be an array of tables; write each one as {example}")
+        return Protection()
+    section = data.get("encryption")
+    keyring_given = isinstance(section, dict) and "keyring" in section  # else reported there
+    rules = []
+    for number, body in enumerate(raw, 1):
+        t = _Table(p, f"[[protect]] #{number}", body, ("keys", "encrypt", "max_ttl_s",
+                                                        "default_ttl_s"))
+        keys = t.list_of("keys", str, '["app:phi:*"]')
+        if keys is None and "keys" not in body:
+            p.add(f"[[protect]] #{number} keys is missing; add keys = [\"app:phi:*\"] (glob "
+                  "patterns, Redis syntax)")
+        elif keys is not None and (not keys or not all(keys)):
+            t.fault("keys", 'must list at least one non-empty glob pattern; e.g. keys = '
+                            '["app:phi:*"]')
+            keys = None
+        encrypt = t.boolean("encrypt", False)
+        max_ttl, default_ttl = _ttl(t, "max_ttl_s"), _ttl(t, "default_ttl_s")
+        if max_ttl is not None and default_ttl is not None and default_ttl > max_ttl:
+            t.fault("default_ttl_s", f"is longer than max_ttl_s = {max_ttl}, so every key "
+                                     "given it would break the rule's own limit; make it "
+                                     f"at most {max_ttl}")
+        if encrypt and encryption.keyring is None and not keyring_given:
+            t.fault("encrypt", "needs a keyring, and [encryption] keyring is not set; create "
+                               "one with: phiproxy keys new --out secrets/keyring.json, then "
+                               'add [encryption] keyring = "secrets/keyring.json"')
+        if keys:
+            rules.append(make_rule(number - 1, tuple(keys), encrypt=encrypt,
+                                   max_ttl_s=max_ttl, default_ttl_s=default_ttl))
+    return Protection(tuple(rules))
+
+
 def _roles(p: _Problems, data: dict[str, Any]) -> dict[str, RoleConfig]:
     example = '[roles.reader] with acl = "+@read ~app:*"'
     raw = data.get("roles", {})
@@ -929,9 +1013,12 @@ def load_config(path: str | Path) -> Config:
     policy = _policy(p, data)
     roles = _roles(p, data)
     identities = _identities(p, data, roles)
+    encryption = _encryption(p, data)
+    protection = _protection(p, data, encryption)
     if listener is not None and backend is not None and not p.items:
         _cross_checks(p, listener, backend, metrics)
     if p.items or listener is None or backend is None:
         raise ConfigError(p.items)
     return Config(path.absolute(), listener, backend, audit, metrics, limits, roles,
-                  identities, lockout=lockout, policy=policy)
+                  identities, lockout=lockout, policy=policy, encryption=encryption,
+                  protection=protection)

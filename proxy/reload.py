@@ -133,6 +133,7 @@ def reload(state: ServerState) -> bool:
     if new.listener.x509_strict != old.listener.x509_strict:
         changes.append(f"[listener] x509_strict = {str(new.listener.x509_strict).lower()}: "
                        "new connections use it, live sessions are kept")
+    changes.extend(_protection_changes(old, new))
     if new.backend != old.backend:
         _reconfigure_backend(state, new)
         changes.append("backend settings changed: new connections use them")
@@ -140,6 +141,7 @@ def reload(state: ServerState) -> bool:
     state.config = new
     state.decide = decide
     state.roles = roles
+    state.cipher = new.encryption.cipher  # with state.config: rules and keyring together
     state.listener_ssl = listener_ssl  # x509_strict too: new handshakes use it
     state.cert_checks = cert_checks
     state.networks = new.listener.allow_networks
@@ -166,6 +168,22 @@ def reload(state: ServerState) -> bool:
     # The old roles and table are garbage now; the new ones live until the next reload.
     log.debug("heap settled in %.1f ms", heap.settle() * 1000)
     return True
+
+
+def _protection_changes(old: Config, new: Config) -> list[str]:
+    """What the reload record says about [[protect]] and the keyring (never key material)."""
+    changes = []
+    before, after = old.protection.rules, new.protection.rules
+    if before != after:
+        changes.append(f"[[protect]] rules: {len(before)} -> {len(after)}")
+    cipher = new.encryption.cipher
+    if cipher is not None:
+        previous = old.encryption.cipher
+        note = "" if previous is None or previous.primary == cipher.primary else \
+            f" (was {previous.primary})"
+        changes.append(f"keyring reloaded from {new.encryption.keyring}: primary "
+                       f"{cipher.primary}{note}, {len(cipher.key_ids)} keys")
+    return changes
 
 
 def running_table(state: ServerState) -> CommandTable | None:

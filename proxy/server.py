@@ -49,6 +49,9 @@ class ServerState:
         self.reuse_port = reuse_port  # --workers: several processes share the port
         self.decide = decide
         self.roles = roles
+        # [encryption] keyring, loaded with the configuration; replaced on reload (the
+        # [[protect]] rules are config.protection)
+        self.cipher = config.encryption.cipher
         self.metrics = Metrics(roles=config.roles)
         self.events = events or Events(self.metrics)
         self.audit = AuditWriter(config.audit)

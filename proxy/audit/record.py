@@ -29,7 +29,7 @@ from typing import Any
 _q = json.encoder.encode_basestring_ascii  # type: ignore[attr-defined]
 
 EVENTS = ("start", "stop", "reload", "connect", "tls_failed", "identity_refused", "auth",
-          "command", "denied", "disconnect", "recovered", "lockout")
+          "command", "denied", "disconnect", "recovered", "lockout", "rewrap")
 WARNING_EVENTS = frozenset({"denied", "tls_failed", "identity_refused", "recovered",
                             "lockout"})
 
@@ -122,6 +122,21 @@ class AuditRecords:
         return self._body("recovered", self._nobody, _fields(
             [("reason", qstr(reason)), ("torn_file", qstr(torn_file)),
              ("torn_bytes", _num(torn_bytes)), ("torn_sha256", qstr(torn_sha256))]))
+
+    def rewrap(self, *, ok: bool, dry_run: bool, primary: str, pattern: str | None,
+               counts: Mapping[str, int], by: Mapping[str, Any],
+               reason: str | None = None) -> bytes:
+        """One `phiproxy keys rewrap` run (SPEC §6): counts only, never a key or a value.
+        `by`: who ran it (OS user, host, pid)."""
+        def obj(items: Mapping[str, Any]) -> bytes:
+            return b"{" + b",".join(
+                qstr(k) + b":" + (qstr(v) if isinstance(v, str) or v is None else _num(v))
+                for k, v in items.items()) + b"}"
+
+        return self._body("rewrap", self._nobody, _fields(
+            [("ok", _num(ok)), ("dry_run", _num(dry_run)), ("primary", qstr(primary)),
+             ("pattern", qstr(pattern)), ("counts", obj(counts)), ("by", obj(by)),
+             ("reason", qstr(reason))]))
 
     def tls_failed(self, *, conn: int | None, src: Any, reason: str,
                    subject: str | None = None, fingerprint: str | None = None) -> bytes:
