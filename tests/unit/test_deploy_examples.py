@@ -1,6 +1,8 @@
 """The deployment examples in config/: hardened redis.conf, systemd unit, Kubernetes
-manifest, Grafana dashboard. (That Redis accepts the redis.conf and that it passes every
-backend control is tests/integration/test_scan_backend.py: it starts this very file.)"""
+manifest, Grafana dashboard; and the Dockerfile the manifest's image is built from (built and
+run for real by tests/integration/test_docker_image.py where a Docker daemon is). (That
+Redis accepts the redis.conf and that it passes every backend control is
+tests/integration/test_scan_backend.py: it starts this very file.)"""
 
 from __future__ import annotations
 
@@ -16,7 +18,9 @@ from typing import Any
 
 import pytest
 
+from proxy import __version__
 from proxy.metrics import Metrics
+from tests import dockerfile
 
 CONFIG = Path(__file__).resolve().parents[2] / "config"
 REDIS_CONF = CONFIG / "redis" / "redis.conf"
@@ -418,3 +422,92 @@ def test_dashboard_expressions_are_valid_promql(tmp_path: Path) -> None:
     done = subprocess.run([promtool, "check", "rules", "rules.yml"], capture_output=True,
                           text=True, timeout=60, cwd=tmp_path)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+# --------------------------------------------------------------------------- Dockerfile
+# What the Dockerfile promises, read from the file itself: these hold with or without a
+# Docker daemon (tests/integration/test_docker_image.py builds and runs it where one is).
+
+ROOT = CONFIG.parent
+IMAGE = f"registry.example.org/phiproxy:{__version__}"
+
+
+def _final(name: str) -> list[str]:
+    return [args for n, args in dockerfile.stages()[-1] if n == name]
+
+
+def test_dockerfile_runs_as_the_numeric_user_kubernetes_expects(
+        manifests: dict[str, dict]) -> None:
+    pod = manifests["Deployment"]["spec"]["template"]["spec"]["securityContext"]
+    # numeric, so that runAsNonRoot can check it without reading /etc/passwd
+    assert _final("USER") == [f"{pod['runAsUser']}:{pod['runAsGroup']}"]
+    assert pod["runAsUser"] != 0 and pod["runAsNonRoot"] is True
+    run = " ".join(_final("RUN"))
+    assert f"--uid {pod['runAsUser']}" in run and f"--gid {pod['runAsGroup']}" in run
+    assert "--shell /usr/sbin/nologin" in run
+
+
+def test_dockerfile_takes_only_the_package_into_the_image() -> None:
+    names = [n for n, _ in dockerfile.instructions()]
+    assert "ADD" not in names  # no remote fetches, no archives unpacked behind our back
+    build, final = dockerfile.stages()
+    sources = {word for n, args in build if n == "COPY" for word in args.split()[:-1]}
+    assert sources == {"pyproject.toml", "README.md", "proxy"}
+    assert [args for n, args in final if n == "COPY"] == [
+        "--from=build /opt/phiproxy /opt/phiproxy"]
+    # the context itself is an allowlist: keys, certificates, trails, .venv never reach it
+    lines = [x.strip() for x in (ROOT / ".dockerignore").read_text().splitlines()
+             if x.strip() and not x.startswith("#")]
+    assert lines[0] == "*"
+    assert {x[1:].rstrip("/") for x in lines if x.startswith("!")} == sources
+    assert {"**/*.pem", "**/*.key"} <= set(lines)
+
+
+def test_dockerfile_mirrors_the_systemd_unit() -> None:
+    unit = unit_settings(UNIT)
+    start = unit["Service.ExecStart"][0].split()
+    assert dockerfile.exec_form(_final("ENTRYPOINT")[0]) == start[:1]  # /opt/phiproxy/bin/...
+    assert dockerfile.exec_form(_final("CMD")[0]) == start[1:]
+    assert _final("STOPSIGNAL") == unit["Service.KillSignal"]
+    # writable: the audit directory (the unit's only ReadWritePaths), made for the user only
+    assert dockerfile.exec_form(_final("VOLUME")[0]) == unit["Service.ReadWritePaths"]
+    run = " ".join(_final("RUN"))
+    assert "install -d -o phiproxy -g phiproxy -m 0700 /var/lib/phiproxy " \
+           f"{unit['Service.ReadWritePaths'][0]}" in run
+    assert f"-m 0750 {unit['Service.ReadOnlyPaths'][0]}" in run  # configuration: read only
+    # RestrictSUIDSGID / NoNewPrivileges: no setuid or setgid file is left in the image
+    assert "find / -xdev -type f -perm /6000 -exec chmod a-s {} +" in run
+    # a read-only root filesystem: bytecode compiled at install, never written at run time
+    assert dockerfile.env()["PYTHONDONTWRITEBYTECODE"] == "1"
+    # the header's `docker run` applies the rest of the unit's sandbox, LimitNOFILE included
+    header = dockerfile.DOCKERFILE.read_text()
+    for flag in ("--read-only", "--tmpfs /tmp", "--cap-drop ALL",
+                 "--security-opt no-new-privileges",
+                 f"--ulimit nofile={unit['Service.LimitNOFILE'][0]}"):
+        assert flag in header, flag
+
+
+def test_dockerfile_healthcheck_probes_healthz_on_the_metrics_port(
+        manifests: dict[str, dict]) -> None:
+    import tomllib
+
+    argv = dockerfile.healthcheck_argv()
+    assert argv[0] == "/opt/phiproxy/bin/python" and "'/healthz'" in argv[-1]
+    toml = tomllib.loads(manifests["ConfigMap"]["data"]["phiproxy.toml"])
+    example = tomllib.loads((CONFIG / "phiproxy.example.toml").read_text())
+    port = dockerfile.env()["PHIPROXY_HEALTHCHECK_PORT"]
+    assert int(port) == toml["metrics"]["port"] == example["metrics"]["port"]
+    assert set(_final("EXPOSE")[0].split()) == {str(toml["listener"]["port"]), port}
+
+
+def test_kubernetes_runs_the_image_the_dockerfile_builds(manifests: dict[str, dict]) -> None:
+    pod = manifests["Deployment"]["spec"]["template"]["spec"]
+    for container in pod["containers"] + pod["initContainers"]:
+        assert container["image"] == IMAGE, container["name"]
+    # the build command in the Dockerfile's header and the manifest's tag the same image
+    assert f"docker build -t {IMAGE} ." in dockerfile.DOCKERFILE.read_text()
+    assert f"docker build -t {IMAGE} ." in K8S.read_text()
+    # the init container copies secrets with /bin/sh and cp: the Debian base has both
+    assert pod["initContainers"][0]["command"][0] == "/bin/sh"
+    assert dockerfile.instructions()[0] == ("ARG", "BASE=debian:bookworm-slim")
+
