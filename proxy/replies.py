@@ -38,6 +38,7 @@ SUB = 6  # SUBSCRIBE family: `remaining` confirmations answer it
 MONITOR = 7  # after +OK the connection carries a MONITOR stream
 RESET = 8  # reset the tracked state when Redis confirms
 EXEC = 9  # a transaction ends: keep its SELECT (`arg`) if it ran, else go back (`data`)
+MULTI = 10  # a transaction starts: what its commands need of EXEC's reply starts empty
 
 WHOLE = frozenset({FILTER, REPLACE, SWALLOW})  # kinds that need the complete frame
 
@@ -67,6 +68,28 @@ class Pending:
         self.filter = filter
 
 
+DROP = -1  # a queued command whose EXEC reply element the client never asked for
+_QUEUED = b"+QUEUED\r\n"
+
+
+def rewrite_exec(queued: list[Callable[[bytes], bytes] | None | int],
+                 frame: bytes) -> bytes:
+    """EXEC's array with each element as its command needs it (`ReplyQueue.queued`)."""
+    from proxy.protect import resp  # only transactions on protected keys get here
+
+    node = resp.parse(frame)
+    if node.value is None:
+        return frame
+    elements = [resp.encode(item) for item in node.value]
+    kept = []
+    for i, element in enumerate(elements):
+        need = queued[i] if i < len(queued) else None
+        if need == DROP:
+            continue
+        kept.append(need(element) if callable(need) and element[:1] != b"-" else element)
+    return b"*%d\r\n%s" % (len(kept), b"".join(kept))
+
+
 def swallowed() -> Pending:
     """An entry for one of the proxy's own requests on a backend connection."""
     return Pending(None, SWALLOW)
@@ -76,7 +99,7 @@ class ReplyQueue:
     """One client's owed replies and tracked connection state."""
 
     __slots__ = ("entries", "in_flight", "proto", "db", "subs", "monitor", "silence",
-                 "sink", "_plain", "_silent")
+                 "sink", "_plain", "_silent", "queued")
 
     def __init__(self, sink: Callable[[list[bytes]], None] | None = None) -> None:
         self.sink = sink  # where a backend connection hands this client's reply bytes
@@ -90,6 +113,10 @@ class ReplyQueue:
         self.silence = 0  # CLIENT REPLY: 0 on, 1 off, 2 skip the next command's reply
         self._plain: dict[int, Pending] = {}  # id(slot) -> shared PLAIN entry
         self._silent: dict[int, Pending] = {}
+        # Inside MULTI, what each command Redis answered +QUEUED needs of EXEC's reply:
+        # None (as it is), a reply filter (a protected value to decrypt) or DROP (the
+        # proxy's own follow-up, which the client never sent). Positions are Redis's own.
+        self.queued: list[Callable[[bytes], bytes] | None | int] = []
 
     def detach(self) -> None:
         """The client is gone: drop what refers back to it or to this queue (its sink,
@@ -168,7 +195,11 @@ class ReplyQueue:
         entry = entries[0]
         is_error = first == _MINUS
         k = entry.kind
-        if k == SUB and kind == SUB_CONFIRM and confirm is not None:
+        if chunk == _QUEUED:  # inside MULTI: what EXEC's element for it will need
+            if k != SILENT:  # SILENT: the proxy's own follow-up, never shown
+                out.append(chunk)
+            self.queued.append(entry.filter if k == FILTER else DROP if k == SILENT else None)
+        elif k == SUB and kind == SUB_CONFIRM and confirm is not None:
             out.append(chunk)
             if entry.remaining < 0:
                 # Argument-less UNSUBSCRIBE: one confirmation per current subscription
@@ -189,7 +220,9 @@ class ReplyQueue:
         else:
             out.append(chunk)
             if not is_error:
-                if k == MONITOR:
+                if k == MULTI:
+                    self.queued = []
+                elif k == MONITOR:
                     self.monitor = True
                 elif k == RESET:
                     self.reset_state(entry.arg)
@@ -198,6 +231,9 @@ class ReplyQueue:
                 # (error, or nil when a WATCHed key changed) never ran it.
                 ran = not is_error and chunk[:3] not in (b"*-1", b"_\r\n")
                 self.db = entry.arg if ran else int(entry.data)
+                if ran and entry.filter is not None:
+                    out[-1] = entry.filter(chunk)  # protected values inside the array
+                self.queued = []
         entries.popleft()
         self.in_flight -= 1
         if entry.slot is not None:

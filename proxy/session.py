@@ -44,6 +44,7 @@ from proxy.replies import (
     EXEC,
     FILTER,
     MONITOR,
+    MULTI,
     PLAIN,
     REPLACE,
     RESET,
@@ -52,6 +53,7 @@ from proxy.replies import (
     SUB_KINDS,
     Pending,
     ReplyQueue,
+    rewrite_exec,
     swallowed,
 )
 from proxy.resp import canned
@@ -132,6 +134,7 @@ class Session(asyncio.Protocol):
         "_paused_reasons", "_last_activity", "_idle_handle", "_received_at", "_rtt_start",
         "_pipeline", "_dedicated", "_pinned", "_held", "_acquiring", "_unpin_handle",
         "_in_multi", "_multi_dirty", "_multi_db", "_multi_selected", "_watching",
+        "_multi_rewrites",
         "_tracking", "_flags", "name", "start_db",
     )
 
@@ -187,6 +190,7 @@ class Session(asyncio.Protocol):
         # Connection state the proxy cannot keep for the client (it pins).
         self._in_multi = False
         self._multi_dirty = False  # a command of the transaction was refused here
+        self._multi_rewrites = False  # it holds protected values: EXEC's reply rewritten
         self._multi_db = 0  # the db when MULTI began (an aborted EXEC goes back to it)
         self._multi_selected = False  # a SELECT was queued in the transaction
         self._watching = False
@@ -355,14 +359,7 @@ class Session(asyncio.Protocol):
                         error=refusal.error))
                     continue
                 if plan is not None and self._in_multi and (plan.reply or plan.extra):
-                    self._refuse(decision._replace(
-                        allowed=False, extra="protected",
-                        reason=f"protected: '{command}' inside MULTI",
-                        error=canned.error(
-                            f"phiproxy: '{command.upper()}' on a protected key inside MULTI "
-                            "is not supported (its reply or TTL would need rewriting "
-                            "inside EXEC); run it outside the transaction")))
-                    continue
+                    self._multi_rewrites = True  # EXEC's array needs rewriting
             if command in _BLOCKING and not self._pinned and self._blocks(command, argv):
                 self._pin()
             if sensitive or (keys and (is_phi(keys[0]) if len(keys) == 1
@@ -791,11 +788,13 @@ class Session(asyncio.Protocol):
             return
         if len(argv) == 1 and not self._in_multi:
             self._pin()
-            self._multi_dirty = self._multi_selected = False
+            self._multi_dirty = self._multi_selected = self._multi_rewrites = False
             self._multi_db = self.queue.db
             self._in_multi = True
             if self._batch is not None:
                 self._batch.multi = True
+            self._forward(argv, decision.command, MULTI)
+            return
         self._forward(argv, decision.command)
 
     def _cmd_exec(self, argv: list[bytes]) -> None:
@@ -814,8 +813,13 @@ class Session(asyncio.Protocol):
             self._forward([b"DISCARD"], decision.command, REPLACE, data=canned.EXECABORT)
             self.queue.db = self._multi_db
         else:
-            self._forward(argv, decision.command, EXEC, arg=self.queue.db,
-                          data=str(self._multi_db).encode())
+            queue = self.queue
+            # With protected values inside, EXEC's array is rewritten element by element
+            # (decrypted, the proxy's own follow-ups dropped) from what Redis queued.
+            rewrite = (lambda frame: rewrite_exec(queue.queued, frame)) \
+                if self._multi_rewrites else None
+            self._forward(argv, decision.command, EXEC, arg=queue.db,
+                          data=str(self._multi_db).encode(), filter=rewrite)
         self._cut(after=after)
 
     def _cmd_discard(self, argv: list[bytes]) -> None:

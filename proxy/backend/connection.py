@@ -266,8 +266,8 @@ class BackendConnection(asyncio.Protocol):
                 queue.sink([tail])
             self._streamed = True
             return
-        if entry.queue is None or entry.kind in WHOLE:
-            self._hold = [tail]
+        if entry.queue is None or entry.kind in WHOLE or entry.filter is not None:
+            self._hold = [tail]  # (a filtered EXEC too: its array is rewritten whole)
             return
         self._streamed = True
         if entry.kind != SILENT and entry.queue.sink is not None:

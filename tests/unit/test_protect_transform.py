@@ -232,3 +232,45 @@ def test_resp_tree_round_trips_every_shape() -> None:
 
 def test_hash_field_ad_is_not_the_string_ad() -> None:
     assert associated(HASH, b"k", b"") != associated(STRING, b"k")
+
+
+@pytest.mark.parametrize("proto", [2, 3])
+async def test_a_transaction_on_protected_keys_gets_plaintext_in_execs_array(proto: int) -> None:
+    router, session = setup()
+    if proto == 3:
+        session.data_received(cmd("HELLO", "3"))
+        sent(session)
+    session.data_received(cmd("MULTI") + cmd("SET", "app:phi:a", "secret") +
+                          cmd("INCR", "counter") + cmd("GET", "app:phi:a") + cmd("EXEC"))
+    router.flush()
+    conn = router.conns[-1]  # MULTI pinned the client to a dedicated connection
+    framer = RequestFramer()
+    commands = [c for c in framer.feed(wire(conn)) if c[0] not in (b"HELLO", b"SELECT")]
+    assert [c[0] for c in commands] == [b"MULTI", b"SET", b"EXPIRE", b"INCR", b"GET", b"EXEC"]
+    stored = commands[1][2]
+    assert is_ciphertext(stored)
+    prefix = b"%1\r\n+proto\r\n:3\r\n" if proto == 3 else b""  # the HELLO 3 prefix
+    conn.data_received(prefix + b"+OK\r\n" +
+                       b"+QUEUED\r\n" * 4 +
+                       b"*4\r\n+OK\r\n:1\r\n:7\r\n" + bulk(stored))
+    answer = sent(session)
+    # The client sees its own four replies, and EXEC's array without the proxy's EXPIRE.
+    assert answer.endswith(b"+OK\r\n+QUEUED\r\n+QUEUED\r\n+QUEUED\r\n"
+                           b"*3\r\n+OK\r\n:7\r\n" + bulk(b"secret"))
+    assert stored not in answer
+
+
+async def test_a_discarded_transaction_does_not_shift_the_next_ones_elements() -> None:
+    router, session = setup()
+    session.data_received(cmd("MULTI") + cmd("SET", "app:phi:a", "x") + cmd("DISCARD") +
+                          cmd("MULTI") + cmd("GET", "app:phi:a") + cmd("EXEC"))
+    router.flush()
+    conn = router.conns[-1]
+    commands = RequestFramer().feed(wire(conn))
+    assert [c[0] for c in commands] == [b"MULTI", b"SET", b"EXPIRE", b"DISCARD", b"MULTI",
+                                        b"GET", b"EXEC"]
+    stored = Cipher({"k1": KEY}, "k1").encrypt(b"x", associated(STRING, b"app:phi:a"))
+    conn.data_received(b"+OK\r\n+QUEUED\r\n+QUEUED\r\n+OK\r\n" +  # first MULTI, DISCARD
+                       b"+OK\r\n+QUEUED\r\n*1\r\n" + bulk(stored))
+    assert sent(session) == (b"+OK\r\n+QUEUED\r\n+OK\r\n" +
+                             b"+OK\r\n+QUEUED\r\n*1\r\n" + bulk(b"x"))
