@@ -188,22 +188,32 @@ def tighten(role: CompiledRole, config_role: RoleConfig, uses: list[dict[str, An
     if any(sel.rules.channels or sel.allchannels for sel in role.selectors):
         notes.append("channel grants are not in the tightened rule: the trail does not "
                      "record channel names; keep the role's & rules if it uses Pub/Sub")
-    tight_dbs = sorted(dbs if config_role.dbs is None else dbs & set(config_role.dbs)) \
-        if dbs else config_role.dbs and list(config_role.dbs)
+    # dbs never widen: a subset of the role's (an empty one would mean every database)
+    original_dbs = list(config_role.dbs) if config_role.dbs is not None else None
+    narrowed = sorted(dbs if original_dbs is None else dbs & set(original_dbs))
+    tight_dbs = narrowed or original_dbs
     refused: list[str] = []
-    try:
-        compiled = compile_roles({role.name: RoleConfig(
-            role.name, rule, tuple(tight_dbs) if tight_dbs else None)}, role.table)[role.name]
-    except ConfigError as exc:  # a bug here, never a reason to print an unchecked rule
-        return Tightened(role.name, rule, tight_dbs or None, False, 0, 0, not_reproduced,
-                         [f"the tightened rule does not compile: {p}" for p in exc.problems],
-                         notes)
     allowed = 0
-    for command, argv in witnesses:
-        if evaluate(compiled, argv).decision.allowed:
-            allowed += 1
-        elif command not in refused:
-            refused.append(command)
+    for dbs_try in ([tight_dbs, original_dbs] if tight_dbs != original_dbs else [tight_dbs]):
+        try:
+            compiled = compile_roles({role.name: RoleConfig(
+                role.name, rule, tuple(dbs_try) if dbs_try else None)}, role.table)[role.name]
+        except ConfigError as exc:  # a bug here, never a reason to print an unchecked rule
+            return Tightened(role.name, rule, dbs_try or None, False, 0, 0, not_reproduced,
+                             [f"the tightened rule does not compile: {p}"
+                              for p in exc.problems], notes)
+        refused, allowed = [], 0
+        for command, argv in witnesses:
+            if evaluate(compiled, argv).decision.allowed:
+                allowed += 1
+            elif command not in refused:
+                refused.append(command)
+        if not refused:
+            if dbs_try != tight_dbs:
+                notes.append("dbs not narrowed: a command used (FLUSHALL, a script, ...) "
+                             "concerns every database")
+            tight_dbs = dbs_try
+            break
     confirmed = not refused and not not_reproduced
     return Tightened(role.name, rule, tight_dbs or None, confirmed, len(witnesses), allowed,
                      not_reproduced, refused, notes)

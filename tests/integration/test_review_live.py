@@ -409,3 +409,37 @@ def test_report_renders_in_headless_chromium(pack: Path, tmp_path: Path) -> None
                    "<img src='http://example.invalid/x.png'></body></html>")
     bad_result = _render(bad, tmp_path / "bad")
     assert _console_errors(bad_result.stderr), bad_result.stderr[-2000:]
+
+
+def test_bad_arguments_and_configuration_exit_2(deployment: Deployment, tmp_path: Path) -> None:
+    result = run_cli("access-review", "-c", str(deployment.config), "--since", "1w")
+    assert result.returncode == 2 and "--since '1w'" in result.stderr
+    result = run_cli("report", "-c", str(deployment.config), "--out", str(tmp_path),
+                     "--tz", "Mars/Base")
+    assert result.returncode == 2 and "--tz" in result.stderr
+    broken = _copy(deployment, tmp_path).parent / "bad.toml"
+    broken.write_text(deployment.config.read_text().replace('acl = "+@all allkeys"',
+                                                            'acl = "+@al allkeys"'))
+    for command in (["access-review"], ["report", "--out", str(tmp_path / "x")]):
+        result = run_cli(*command, "-c", str(broken))
+        assert result.returncode == 2 and "role 'ops'" in result.stderr, result.stderr
+
+
+def test_unreachable_backend_and_no_trail_are_findings(pki: PKI, tmp_path: Path) -> None:
+    """Nothing listens on the backend port and the proxy never wrote a trail: exit 0, and
+    the report says what it could not check."""
+    config = write_proxy_config(pki, tmp_path / "p", free_port(), free_port(), roles=ROLES,
+                                identities=IDENTITIES)
+    result = run_cli("report", "-c", str(config), "--out", str(tmp_path / "pack"))
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "pack" / "report.json").read_text())
+    assert report["controls"]["backend_checked"] is False
+    backend = [f for s in report["controls"]["sections"] for f in s["findings"]
+               if f["source"] == "backend"]
+    assert backend and all(f["verdict"] == "not checked" for f in backend)
+    assert report["trail_status"] == "unavailable"
+    assert any("not checked" in f["finding"] for f in report["findings"])
+    assert any("not verified" in f["finding"] for f in report["findings"])
+    review = run_cli("access-review", "-c", str(config), "--json")
+    assert review.returncode == 0
+    assert json.loads(review.stdout)["trail"]["status"] == "unavailable"
