@@ -82,7 +82,9 @@ VALUES: list[Any] = [
     "-----BEGIN PRIVATE KEY-----", "é", "\x00", "nul\x00byte", "x" * 300, "+@read ~*",
     "(+get", "reader", "writer", "nosuchrole", "ab:cd", "AB" * 32, "DEBUG", "CONFIG|SET",
     "nosuch", [], [0], [-1], [1, 2], ["10.0.0.0/8"], ["10.0.0.1/8"], ["nonsense"], [True],
-    ["a", 1], [[1]], ["app:*"], {}, {"acl": "+get"}, {"x": 1},
+    ["a", 1], [[1]], ["app:*"], {}, {"acl": "+get"}, {"x": 1}, [{}],
+    [{"keys": ["app:phi:*"], "encrypt": True, "max_ttl_s": 10, "default_ttl_s": 60}],
+    [{"keys": [], "nosuch": 1}],
     datetime.datetime(1979, 5, 27, 7, 32, tzinfo=datetime.UTC), datetime.date(2026, 1, 1),
 ]
 
@@ -90,7 +92,7 @@ _KEYS = sorted({(s, k) for s, keys in _SECTIONS.items() for k in keys}
                | {(s, k) for s, body in BASE.items() if isinstance(body, dict)
                   for k in body if s != "roles"}
                | {("backend", "unix_socket"), ("backend", "password"), ("audit", "head_file")})
-_SECTION_NAMES = [*BASE, "nosuch", "listner"]
+_SECTION_NAMES = [*BASE, *(s for s in _SECTIONS if s not in BASE), "nosuch", "listner"]
 _ROLE_KEYS = ["acl", "dbs", "max_cert_validity_h", "nosuch"]
 _IDENTITY_KEYS = ["role", "subject_cn", "subject_ou", "san_dns", "san_uri", "san_email",
                   "fingerprint_sha256", "nosuch"]
@@ -159,7 +161,7 @@ def to_toml(conf: dict[str, Any]) -> str:
     lines: list[str] = []
     tables = []
     for key, value in conf.items():  # plain values first: they belong to no table
-        array_of_tables = key == "identities" and isinstance(value, list) and all(
+        array_of_tables = isinstance(value, list) and bool(value) and all(
             isinstance(x, dict) for x in value)
         if array_of_tables or isinstance(value, dict):
             tables.append((key, value))
