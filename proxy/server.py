@@ -22,6 +22,7 @@ from proxy import __version__, heap
 from proxy.audit.writer import AuditWriter
 from proxy.backend import BackendUnavailable, make_router
 from proxy.clientcert import ClientCertChecks, strict_refusal, verified_chain
+from proxy.commands.table import CommandTable, default_table
 from proxy.config import Config, backend_node
 from proxy.events import Events
 from proxy.gate import AuditGate
@@ -30,6 +31,7 @@ from proxy.lockout import FAILURE_REASONS, Lockout
 from proxy.metrics import Metrics, identity_label
 from proxy.policy.decision import Decision
 from proxy.policy.glob import compile_patterns
+from proxy.protect.transform import make_protector
 from proxy.reload import expiry_warnings, reload
 from proxy.session import Session, SessionContext
 from proxy.tls import backend_context, listener_context, strictness_warning
@@ -68,7 +70,8 @@ class ServerState:
             drain_timeout_s=config.listener.drain_timeout_s, is_phi=self.is_phi_key,
             gate=self.gate, router=self.router, hooks=self,
             observe_latency=self.metrics.proxy_latency.observe,
-            observe_rtt=self.metrics.backend_rtt.observe, deferred=False)
+            observe_rtt=self.metrics.backend_rtt.observe, deferred=False,
+            protector=make_protector(config, self.command_table))
         lock = config.lockout
         # Two lockouts: failures without a usable certificate count against the source
         # address, failures with a trusted one against that certificate (proxy.lockout).
@@ -98,9 +101,16 @@ class ServerState:
             return False, "audit not durable: the last fsync of the audit trail failed"
         return True, "ready"
 
+    @property
+    def command_table(self) -> CommandTable:
+        """The table the live roles use (with learn_commands, the extended copy)."""
+        role = next(iter(self.roles.values()), None)
+        return role.table if role is not None else default_table()
+
     def apply_to_sessions(self, config: Config) -> None:
         """Reload: the settings sessions read live."""
         ctx = self.session_context
+        ctx.protector = make_protector(config, self.command_table)
         ctx.limits = config.limits
         ctx.max_reply_buffer_bytes = config.limits.max_reply_buffer_bytes
         ctx.idle_timeout_s = config.listener.idle_timeout_s
@@ -537,7 +547,7 @@ def _tune_client_socket(sock: Any, keepalive: bool) -> None:
 async def learn_backend_commands(state: ServerState) -> None:
     """`backend.learn_commands`: add the backend's own commands that the shipped table lacks
     (a newer Redis), then compile the roles again so their rules cover them."""
-    from proxy.commands.table import default_table, extend_from_command_reply
+    from proxy.commands.table import extend_from_command_reply
     from proxy.policy.engine import compile_roles
     from proxy.resp.request import encode_command
 
@@ -562,6 +572,7 @@ async def learn_backend_commands(state: ServerState) -> None:
     added = extend_from_command_reply(table, reply)
     state.roles = compile_roles(state.config.roles, table)
     state.metrics.add_commands(added)
+    state.session_context.protector = make_protector(state.config, table)
     log.info("learn_commands: %d commands learned from the backend%s", len(added),
              f": {', '.join(added[:20])}" if added else "")
 

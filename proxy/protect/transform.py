@@ -18,6 +18,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from proxy.protect import resp
 from proxy.protect.crypto import (
@@ -32,6 +33,10 @@ from proxy.protect.crypto import (
     is_ciphertext,
 )
 from proxy.protect.rules import Protection, ProtectRule
+
+if TYPE_CHECKING:
+    from proxy.commands.table import CommandTable
+    from proxy.config import Config
 
 TRANSFORM = "transform"
 PASS = "pass"
@@ -85,6 +90,25 @@ for _names, _class in ((_STRINGS, TRANSFORM), (_HASHES, TRANSFORM), (_LISTS, TRA
 # default); every other write to a key under a TTL rule gets `EXPIRE key ttl NX` after it.
 _SETS_TTL = frozenset({"setex", "psetex", "expire", "pexpire", "expireat", "pexpireat",
                        "getex", "restore", "restore-asking"})
+
+
+def command_flags(table: CommandTable) -> Callable[[str], frozenset[str]]:
+    """name ("set", "object|encoding") -> Redis's command flags ("write", ...)."""
+    flags: dict[str, frozenset[str]] = {}
+    for info in table.commands.values():
+        flags[info.name] = frozenset(info.flags)
+        for sub in (info.subcommands or {}).values():
+            flags[sub.name] = frozenset(sub.flags)
+    return lambda name: flags.get(name, frozenset())
+
+
+def make_protector(config: Config, table: CommandTable) -> Protector | None:
+    """The sessions' Protector for a configuration (None without [[protect]] rules)."""
+    if not config.protection:
+        return None
+    encryption = config.encryption
+    return Protector(config.protection, encryption.cipher, encryption.plaintext_reads,
+                     command_flags(table))
 
 
 class Refusal(Exception):
