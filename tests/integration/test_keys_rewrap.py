@@ -320,3 +320,38 @@ def test_unreachable_backend_is_a_clear_error(site: Site, backend: RedisServer) 
     assert done.returncode == 2
     assert "[backend] rewrap stopped: cannot connect" in done.stderr
     assert site.trail()[-1]["reason"].startswith("stopped: cannot connect")
+
+
+def test_sighup_reloads_the_keyring_and_the_rules(pki: PKI, backend: RedisServer,
+                                                  tmp_path: Path) -> None:
+    from tests.integration.test_reload import hup_and_wait, trail
+
+    workdir = tmp_path / "proxy"
+    workdir.mkdir()
+    keyring = workdir / "keyring.json"
+    first = create_keyring(keyring)
+    port = free_port()
+    config = write_proxy_config(pki, workdir, backend.port, port, extra=PROTECT)
+    proxy = start_proxy(config, pki, port)
+    try:
+        second, _ = add_key(keyring)
+        config.write_text(config.read_text() + '\n[[protect]]\nkeys = ["tmp:*"]\n'
+                                               "max_ttl_s = 60\n")
+        hup_and_wait(proxy, "reload done")
+        record = [r for r in trail(proxy) if r["event"] == "reload"][-1]
+        assert record["ok"] is True
+        assert f"keyring reloaded from {keyring}: primary {second} (was {first}), 2 keys" \
+            in record["reason"]
+        assert "[[protect]] rules: 2 -> 3" in record["reason"]
+
+        keyring.chmod(0o644)  # a keyring others can read is refused, the old one kept
+        hup_and_wait(proxy, "reload refused")
+        record = [r for r in trail(proxy) if r["event"] == "reload"][-1]
+        assert record["ok"] is False
+        assert "[encryption] keyring" in record["reason"] and "chmod 600" in record["reason"]
+        assert proxy.client().ping()
+    finally:
+        assert proxy.stop() == 0
+    key_material = json.loads(keyring.read_text())["keys"][second]
+    assert key_material not in proxy.stderr()
+    assert key_material not in (workdir / "audit.jsonl").read_text()
