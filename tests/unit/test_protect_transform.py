@@ -274,3 +274,12 @@ async def test_a_discarded_transaction_does_not_shift_the_next_ones_elements() -
                        b"+OK\r\n+QUEUED\r\n*1\r\n" + bulk(stored))
     assert sent(session) == (b"+OK\r\n+QUEUED\r\n+OK\r\n" +
                              b"+OK\r\n+QUEUED\r\n*1\r\n" + bulk(b"x"))
+
+
+def test_the_readme_table_is_the_one_the_code_generates() -> None:
+    from pathlib import Path
+
+    from proxy.protect.transform import markdown_table
+
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    assert markdown_table() in readme
