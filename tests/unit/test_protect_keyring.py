@@ -269,3 +269,18 @@ def test_check_config_refuses_default_beyond_max(site: Site,
     site.file.write_text(dump_toml(site.doc) + "\n" + site.extra)
     assert main(["check-config", "-c", str(site.file)]) == 2
     assert "default_ttl_s = 20: is longer than max_ttl_s = 10" in capsys.readouterr().err
+
+
+def test_the_example_configs_protect_block_loads(site: Site) -> None:
+    """config/phiproxy.example.toml ships it commented out (it needs a keyring first)."""
+    text = (Path(__file__).resolve().parents[2] / "config" / "phiproxy.example.toml"
+            ).read_text()
+    block = text.split("# --- protect example begin\n")[1].split("# --- protect example end")[0]
+    lines = [line[2:] if line.startswith("# ") else line.lstrip("#") for line in
+             block.splitlines()]
+    site.extra = "\n".join(lines).replace("../secrets/", "secrets/")
+    config = site.load()
+    public, phi = config.protection.rules
+    assert not public.encrypt and phi.encrypt and (phi.max_ttl_s, phi.default_ttl_s) == (
+        86400, 3600)
+    assert config.encryption.plaintext_reads == "refuse" and config.encryption.cipher
