@@ -54,6 +54,30 @@ class Tampered(DecryptError):
     """The tag does not verify: the value was changed, or copied from another place."""
 
 
+# Random 96-bit nonces, read from the kernel 4 KiB at a time (one getrandom per 341
+# values, not one per value) and never handed out twice. A forked worker must not share
+# its parent's unused ones: the buffer is emptied in the child.
+_NONCE_BATCH = NONCE_BYTES * 341
+_nonces = {"buf": b"", "pos": 0}
+
+
+def _nonce() -> bytes:
+    pos = _nonces["pos"]
+    buf = _nonces["buf"]
+    if pos + NONCE_BYTES > len(buf):
+        buf = _nonces["buf"] = os.urandom(_NONCE_BATCH)
+        pos = 0
+    _nonces["pos"] = pos + NONCE_BYTES
+    return buf[pos:pos + NONCE_BYTES]
+
+
+def _forget_nonces() -> None:
+    _nonces["buf"], _nonces["pos"] = b"", 0
+
+
+os.register_at_fork(after_in_child=_forget_nonces)
+
+
 def associated(kind: bytes, place: bytes, field: bytes = b"") -> bytes:
     """The associated data of a value: what it is (string, hash, list, stream), where
     (the key name, or the rule for list elements) and, for hashes and streams, its field."""
@@ -95,7 +119,7 @@ class Cipher:
         return list(self._aead)
 
     def encrypt(self, plaintext: bytes, ad: bytes) -> bytes:
-        nonce = os.urandom(NONCE_BYTES)
+        nonce = _nonce()
         return self._header + nonce + self._aead[self.primary].encrypt(nonce, plaintext, ad)
 
     def decrypt(self, value: bytes, ad: bytes) -> bytes:

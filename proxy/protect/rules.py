@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from proxy.policy.glob import Matcher, compile_glob
+from proxy.policy.glob import Matcher, compile_patterns
 
 
 @dataclass(frozen=True)
@@ -28,14 +28,19 @@ class ProtectRule:
         """What list elements under this rule are bound to (crypto's module docstring)."""
         return "\n".join(self.keys).encode()
 
+    @property
+    def limits_ttl(self) -> bool:
+        return self.max_ttl_s is not None or self.default_ttl_s is not None
+
     def matches(self, key: bytes) -> bool:
-        return any(match(key) for match in self._matchers)
+        return bool(self._matchers[0](key))
 
 
 def make_rule(index: int, keys: tuple[str, ...], *, encrypt: bool = False,
               max_ttl_s: int | None = None, default_ttl_s: int | None = None) -> ProtectRule:
+    # One matcher for all of the rule's patterns (one regular expression where it can).
     return ProtectRule(index, keys, encrypt, max_ttl_s, default_ttl_s,
-                       tuple(compile_glob(k.encode()) for k in keys))
+                       (compile_patterns([k.encode() for k in keys]),))
 
 
 class Protection:
@@ -49,6 +54,6 @@ class Protection:
 
     def rule_for(self, key: bytes) -> ProtectRule | None:
         for rule in self.rules:
-            if rule.matches(key):
+            if rule._matchers[0](key):
                 return rule
         return None

@@ -179,19 +179,26 @@ class Protector:
     def plan(self, command: str, argv: list[bytes], keys: Sequence[bytes]) -> Plan | None:
         """None when no key of the command is protected (nothing changes)."""
         rule_for = self.protection.rule_for
-        ruled = [(key, rule) for key in keys if (rule := rule_for(key)) is not None]
-        if not ruled:
-            return None
+        if len(keys) == 1:  # the common case, without the comprehensions
+            rule = rule_for(keys[0])
+            if rule is None:
+                return None
+            ruled = [(keys[0], rule)]
+        else:
+            ruled = [(key, rule) for key in keys if (rule := rule_for(key)) is not None]
+            if not ruled:
+                return None
         plan = Plan(list(argv))
-        encrypted = [(key, rule) for key, rule in ruled if rule.encrypt]
+        encrypted = {key: rule for key, rule in ruled if rule.encrypt}
         if encrypted:
             kind = CLASSES.get(command, UNSUPPORTED)
-            if kind not in (TRANSFORM, PASS):
-                key, rule = encrypted[0]
+            if kind is TRANSFORM:
+                _TRANSFORMS[command](self, plan, command, encrypted)
+            elif kind is not PASS:
+                key, rule = next(iter(encrypted.items()))
                 raise Refusal(command, key, rule, kind)
-            if kind == TRANSFORM:
-                _TRANSFORMS[command](self, plan, command, dict(encrypted))
-        self._ttl(plan, command, ruled)
+        if any(rule.limits_ttl for _, rule in ruled):
+            self._ttl(plan, command, ruled)
         return plan
 
     # ------------------------------------------------------------------ TTL rules
@@ -326,11 +333,19 @@ def _transform(*names: str) -> Callable[[Transform], Transform]:
 
 
 def _bulk_reply(p: Protector, key: bytes, ad: bytes) -> Callable[[bytes], bytes]:
-    def fn(node: resp.Node) -> resp.Node | None:
-        if node.kind == resp.BULK and node.value is not None:
-            node.value = p.dec(key, node.value, ad)
-        return None
-    return _rewriting(fn)
+    """GET and friends: one bulk string (or a null), handled on the bytes directly."""
+
+    def reply(frame: bytes) -> bytes:
+        if frame[:1] != b"$" or frame[:3] == b"$-1":
+            return frame  # null, or not a bulk string: nothing to decrypt
+        start = frame.index(b"\r\n") + 2
+        try:
+            value = p.dec(key, frame[start:-2], ad)
+        except DecryptError as exc:
+            return _error(exc)
+        return b"$%d\r\n%s\r\n" % (len(value), value)
+
+    return reply
 
 
 @_transform("get", "getdel", "getex")

@@ -79,3 +79,20 @@ def test_bad_keyrings_are_refused() -> None:
         Cipher({"a": os.urandom(32)}, "b")
     with pytest.raises(ValueError, match="32"):
         Cipher({"a": os.urandom(16)}, "a")
+
+
+def test_nonces_are_never_reused_and_a_forked_worker_does_not_share_them() -> None:
+    from proxy.protect import crypto
+
+    seen = {crypto._nonce() for _ in range(2000)}  # across several batches
+    assert len(seen) == 2000
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its first nonce, to the parent
+        os.write(write, crypto._nonce())
+        os._exit(0)
+    os.waitpid(pid, 0)
+    child = os.read(read, 64)
+    os.close(read)
+    os.close(write)
+    assert len(child) == 12 and child != crypto._nonce()  # not the parent's next one
