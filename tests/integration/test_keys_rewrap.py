@@ -355,3 +355,42 @@ def test_sighup_reloads_the_keyring_and_the_rules(pki: PKI, backend: RedisServer
     key_material = json.loads(keyring.read_text())["keys"][second]
     assert key_material not in proxy.stderr()
     assert key_material not in (workdir / "audit.jsonl").read_text()
+
+
+def test_values_written_through_the_proxy_read_back_after_rotation_and_rewrap(
+        pki: PKI, backend: RedisServer, tmp_path: Path) -> None:
+    """The proxy's own encryption and rewrap agree on every binding (string, hash field,
+    list rule, stream field): written through the proxy under the old key, rewrapped while
+    it runs, read back through it in plaintext."""
+    from tests.integration.test_reload import hup_and_wait
+
+    workdir = tmp_path / "proxy"
+    workdir.mkdir()
+    keyring = workdir / "keyring.json"
+    first = create_keyring(keyring)
+    port = free_port()
+    config = write_proxy_config(pki, workdir, backend.port, port, extra=PROTECT)
+    proxy = start_proxy(config, pki, port)
+    direct = backend.client()
+    try:
+        c = proxy.client()
+        c.set("app:phi:s", "patient one", ex=500)
+        c.hset("app:notes:h", mapping={"dx": "flu", "rx": "rest"})
+        c.rpush("app:phi:l", "a", "b")
+        c.xadd("app:phi:x", {"event": "admitted"}, id="5-1")
+        assert key_id_of(direct.get("app:phi:s")) == first
+        second, _ = add_key(keyring)
+        hup_and_wait(proxy, "reload done")
+        done = subprocess.run([sys.executable, "-m", "proxy", "keys", "rewrap", "-c",
+                               str(config)], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "rewrapped 6 values in 4 keys" in done.stdout
+        assert key_id_of(direct.get("app:phi:s")) == second
+        assert {key_id_of(v) for v in direct.hvals("app:notes:h")} == {second}
+        assert {key_id_of(v) for v in direct.lrange("app:phi:l", 0, -1)} == {second}
+        assert c.get("app:phi:s") == b"patient one" and 400 < c.ttl("app:phi:s") <= 500
+        assert c.hgetall("app:notes:h") == {b"dx": b"flu", b"rx": b"rest"}
+        assert c.lrange("app:phi:l", 0, -1) == [b"a", b"b"]
+        assert c.xrange("app:phi:x") == [(b"5-1", {b"event": b"admitted"})]
+    finally:
+        assert proxy.stop() == 0
