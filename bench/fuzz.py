@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-TARGETS = ("request", "reply", "acl", "config")
+TARGETS = ("request", "reply", "acl", "glob", "config")
 _DONE = re.compile(r"#(\d+)\s+(?:DONE|NEW|REDUCE|pulse|INITED)\s+cov: (\d+) ft: (\d+)"
                    r"(?: corp: (\d+)/\S+)?.*?exec/s: (\d+)")
 

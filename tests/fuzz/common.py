@@ -19,7 +19,7 @@ def chunks(data: bytes, seed: int) -> Iterator[bytes]:
         pos += size
 
 
-TARGETS = ("request", "reply", "acl", "config")
+TARGETS = ("request", "reply", "acl", "glob", "config")
 
 
 def run_atheris(target: str, argv: list[str]) -> None:

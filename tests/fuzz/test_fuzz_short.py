@@ -17,7 +17,7 @@ import pytest
 from tests.fuzz.mutate import inputs
 
 # Per target: mutations run here (about a second each on one core).
-ITERATIONS = {"request": 1500, "reply": 1500, "acl": 200, "config": 800}
+ITERATIONS = {"request": 1500, "reply": 1500, "acl": 200, "glob": 800, "config": 800}
 
 
 @pytest.mark.parametrize("target", list(ITERATIONS))
