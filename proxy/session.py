@@ -350,9 +350,9 @@ class Session(asyncio.Protocol):
                 self._forward_filtered(argv, decision)
                 continue
             plan = None
-            if protector and keys:
+            if protector and (keys or sensitive):
                 try:
-                    plan = protector.plan(command, argv, keys)
+                    plan = protector.plan(command, argv, keys, sensitive)
                 except Refusal as refusal:
                     self._refuse(decision._replace(
                         allowed=False, reason=refusal.reason, extra="protected",

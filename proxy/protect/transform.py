@@ -176,18 +176,26 @@ class Protector:
     def __bool__(self) -> bool:
         return bool(self.protection)
 
-    def plan(self, command: str, argv: list[bytes], keys: Sequence[bytes]) -> Plan | None:
-        """None when no key of the command is protected (nothing changes)."""
+    def plan(self, command: str, argv: list[bytes], keys: Sequence[bytes],
+             keyless_sensitive: bool = False) -> Plan | None:
+        """None when no key of the command is protected (nothing changes).
+        `keyless_sensitive`: the command may reach keys it does not name (a script, SORT
+        with BY/GET patterns): with encrypted keys configured, it could hand a client
+        ciphertext, so it is refused unless its named keys prove otherwise."""
         rule_for = self.protection.rule_for
         if len(keys) == 1:  # the common case, without the comprehensions
             rule = rule_for(keys[0])
-            if rule is None:
-                return None
-            ruled = [(keys[0], rule)]
+            ruled = [(keys[0], rule)] if rule is not None else []
         else:
             ruled = [(key, rule) for key in keys if (rule := rule_for(key)) is not None]
-            if not ruled:
-                return None
+        if not ruled:
+            if keyless_sensitive and CLASSES.get(command) in (SCRIPT, COMPUTES):
+                encrypting = next((r for r in self.protection.rules if r.encrypt), None)
+                if encrypting is not None:
+                    raise Refusal(command, b"*", encrypting,
+                                  "may reach keys it does not name, and values there are "
+                                  "encrypted")
+            return None
         plan = Plan(list(argv))
         encrypted = {key: rule for key, rule in ruled if rule.encrypt}
         if encrypted:

@@ -283,3 +283,16 @@ def test_the_readme_table_is_the_one_the_code_generates() -> None:
 
     readme = (Path(__file__).parents[2] / "README.md").read_text()
     assert markdown_table() in readme
+
+
+@pytest.mark.parametrize("command", [
+    ("EVAL", "return redis.call('GET', 'app:phi:a')", "0"),
+    ("SORT", "ids", "GET", "app:phi:*"),
+])
+def test_commands_that_reach_keys_they_do_not_name_are_refused_with_encryption(
+        command: tuple[str, ...]) -> None:
+    router, session = setup()
+    session.data_received(cmd(*command))
+    router.flush()
+    assert wire(router.shared.conn) == b""
+    assert b"may reach keys it does not name" in sent(session)
