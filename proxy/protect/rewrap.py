@@ -12,9 +12,11 @@ key, under WATCH so that a concurrent write is never lost:
   XSETID with the stream's last id and counters, PEXPIRE with its TTL); a stream with
   consumer groups cannot be rebuilt without losing their pending entries: counted and left.
 
-The writes of a key go in one MULTI/EXEC. If EXEC is aborted (the key changed after WATCH,
-a client wrote it through the proxy), the key is read again and retried: the concurrent
-write wins and is then rewrapped or, being under the primary already, left. Values already
+Keys go in batches of up to BATCH: all read under one WATCH, all written in one MULTI/EXEC
+(three round trips per batch, not per key). If EXEC is aborted (a client wrote one of them
+after WATCH, through the proxy), each key of the batch is read again and done on its own,
+retried until its EXEC goes through: the concurrent write wins and is then rewrapped or,
+being under the primary already, left. Values already
 under the primary are counted and left; values that do not decrypt (written before
 protection was enabled, changed, or under a key id the keyring no longer has) are counted
 and left as they are, and the run exits 1.
@@ -50,6 +52,7 @@ from proxy.resp.request import encode_command
 
 SCAN_COUNT = b"1000"
 MAX_ATTEMPTS = 100  # a key rewritten this often during one rewrap is left, and reported
+BATCH = 100  # keys read under one WATCH and written in one MULTI/EXEC
 COMMAND_TIMEOUT_S = 60.0
 
 
@@ -101,6 +104,10 @@ class Backend:
         from proxy.tls import backend_context
 
         node = backend_node(cfg)
+        if cfg.mode != "standalone":
+            raise RewrapError(f'mode = "{cfg.mode}" is not supported by keys rewrap yet; point '
+                              "a copy of the configuration at the primary (standalone) and "
+                              "run it with that")
         try:
             if cfg.unix_socket is not None:
                 opening = asyncio.open_unix_connection(str(cfg.unix_socket))
@@ -191,6 +198,9 @@ class Rewrap:
         self.xsetid_counters = False  # Redis 7.0+: XSETID ENTRIESADDED / MAXDELETEDID
         from proxy.policy.glob import compile_glob
 
+        self._planners: dict[str, Callable[..., list[list[bytes]]]] = {
+            "string": self._string, "hash": self._hash, "list": self._list,
+            "stream": self._stream}
         self._globs = {rule.index: [(k.encode(), compile_glob(k.encode())) for k in rule.keys]
                        for rule in protection.rules}
 
@@ -231,6 +241,7 @@ class Rewrap:
         while True:
             cursor, keys = await self.backend.call(b"SCAN", cursor, b"MATCH", pattern,
                                                    b"COUNT", SCAN_COUNT)
+            todo = []
             for key in keys:
                 rule = self.protection.rule_for(key)
                 if rule is None or not rule.encrypt:
@@ -238,7 +249,9 @@ class Rewrap:
                 if scanned_for is not None and (rule is not scanned_for
                                                 or self._first_pattern(rule, key) != pattern):
                     continue  # another scan of this run visits it: once per key
-                await self._key(key, rule)
+                todo.append((key, rule))
+            for start in range(0, len(todo), BATCH):
+                await self._batch(todo[start:start + BATCH])
                 if self.progress is not None:
                     self.progress(self.counts, db)
             if cursor == b"0":
@@ -247,32 +260,80 @@ class Rewrap:
     def _first_pattern(self, rule: ProtectRule, key: bytes) -> bytes:
         return next((pattern for pattern, match in self._globs[rule.index] if match(key)), b"")
 
+    async def _batch(self, items: list[tuple[bytes, ProtectRule]]) -> None:
+        """Every key of the batch read under one WATCH and written in one MULTI/EXEC (three
+        round trips for up to BATCH keys); if a client wrote any of them meanwhile, each key
+        of the batch is done again on its own."""
+        aborted = await self._attempt(items)
+        if aborted is None:
+            return
+        self.counts.retries += aborted
+        for item in items:
+            await self._key(*item)
+
     async def _key(self, key: bytes, rule: ProtectRule) -> None:
         for _ in range(MAX_ATTEMPTS):
-            counts = Counts()
-            await self.backend.call(b"WATCH", key)
-            kind = (await self.backend.call(b"TYPE", key)).decode()
-            handler = {"string": self._string, "hash": self._hash, "list": self._list,
-                       "stream": self._stream}.get(kind)
-            if handler is None:
-                await self.backend.call(b"UNWATCH")
-                if kind != "none":  # "none": deleted since SCAN found it
-                    self.counts.keys += 1
-                    self.counts.other_types += 1
+            aborted = await self._attempt([(key, rule)])
+            if aborted is None:
                 return
-            writes = await handler(key, rule, counts)
-            if writes and self.after_read is not None:
-                await self.after_read(key)
-            if not writes or self.dry_run:
-                await self.backend.call(b"UNWATCH")
-            elif not await self.backend.transaction(*writes):
-                self.counts.retries += 1
-                continue
-            counts.keys = 1
-            counts.keys_changed = int(counts.rewrapped > 0)
-            self.counts.add(counts)
-            return
+            self.counts.retries += aborted
         self.counts.busy += 1
+
+    async def _attempt(self, items: list[tuple[bytes, ProtectRule]]) -> int | None:
+        """One try: None when done (counted), else how many keys had writes aborted."""
+        keys = [key for key, _ in items]
+        replies = await self.backend.pipeline([b"WATCH", *keys], *[[b"TYPE", k] for k in keys])
+        _check(replies, "WATCH/TYPE")
+        kinds = [kind.decode() for kind in replies[1:]]
+        reads = [self._reads(kind, key) for key, kind in zip(keys, kinds, strict=True)]
+        flat = [argv for argvs in reads for argv in argvs]
+        replies = await self.backend.pipeline(*flat) if flat else []
+        if any(isinstance(r, hiredis.ReplyError) and str(r).startswith("WRONGTYPE")
+               for r in replies):
+            await self.backend.call(b"UNWATCH")  # its type changed after TYPE: read again
+            return len(items)
+        _check(replies, "read")
+        counts, writes, changed = Counts(), [], 0
+        pos = 0
+        for (key, rule), kind, argvs in zip(items, kinds, reads, strict=True):
+            got = replies[pos:pos + len(argvs)]
+            pos += len(argvs)
+            if kind == "none":  # deleted since SCAN found it
+                continue
+            counts.keys += 1
+            planner = self._planners.get(kind)
+            if planner is None:
+                counts.other_types += 1
+                continue
+            key_counts = Counts()
+            key_writes = planner(key, rule, got, key_counts)
+            if key_writes and self.after_read is not None:
+                await self.after_read(key)
+            counts.add(key_counts)
+            counts.keys_changed += int(bool(key_writes))
+            changed += int(bool(key_writes))
+            writes += key_writes
+        if writes and self.field_ttls:
+            writes += await self._field_ttls(writes)
+        if not writes or self.dry_run:
+            await self.backend.call(b"UNWATCH")
+        elif not await self.backend.transaction(*writes):
+            return changed
+        self.counts.add(counts)
+        return None
+
+    @staticmethod
+    def _reads(kind: str, key: bytes) -> list[list[bytes]]:
+        if kind == "string":
+            return [[b"GET", key]]
+        if kind == "hash":
+            return [[b"HGETALL", key]]
+        if kind == "list":
+            return [[b"LRANGE", key, b"0", b"-1"]]
+        if kind == "stream":
+            return [[b"XINFO", b"GROUPS", key], [b"XRANGE", key, b"-", b"+"],
+                    [b"XINFO", b"STREAM", key], [b"PTTL", key]]
+        return []
 
     def _value(self, value: bytes, ad: bytes, counts: Counts) -> bytes | None:
         """The value re-encrypted under the primary, or None to leave it (counted)."""
@@ -293,42 +354,50 @@ class Rewrap:
         counts.rewrapped += 1
         return self.cipher.encrypt(plaintext, ad)
 
-    async def _string(self, key: bytes, rule: ProtectRule, counts: Counts) -> list[list[bytes]]:
-        value = await self.backend.call(b"GET", key)
+    def _string(self, key: bytes, rule: ProtectRule, got: list[Any],
+                counts: Counts) -> list[list[bytes]]:
+        [value] = got
         if value is None:
             return []
         new = self._value(value, associated(STRING, key), counts)
         return [] if new is None else [[b"SET", key, new, b"KEEPTTL"]]
 
-    async def _hash(self, key: bytes, rule: ProtectRule, counts: Counts) -> list[list[bytes]]:
+    def _hash(self, key: bytes, rule: ProtectRule, got: list[Any],
+              counts: Counts) -> list[list[bytes]]:
         changed: list[bytes] = []
-        for field, value in _pairs(await self.backend.call(b"HGETALL", key)):
+        for field, value in _pairs(got[0]):
             new = self._value(value, associated(HASH, key, field), counts)
             if new is not None:
                 changed += [field, new]
-        if not changed:
-            return []
-        writes = [[b"HSET", key, *changed]]
-        if self.field_ttls:
-            names = changed[0::2]
-            ttls = await self.backend.call(b"HPTTL", key, b"FIELDS",
-                                           str(len(names)).encode(), *names)
-            writes += [[b"HPEXPIRE", key, str(ms).encode(), b"FIELDS", b"1", name]
-                       for name, ms in zip(names, ttls, strict=True) if ms > 0]
-        return writes
+        return [[b"HSET", key, *changed]] if changed else []
 
-    async def _list(self, key: bytes, rule: ProtectRule, counts: Counts) -> list[list[bytes]]:
+    async def _field_ttls(self, writes: list[list[bytes]]) -> list[list[bytes]]:
+        """Redis 7.4+: HSET drops a field's own TTL; read them (under the same WATCH) and
+        put them back after the HSETs."""
+        hsets = [argv for argv in writes if argv[0] == b"HSET"]
+        if not hsets:
+            return []
+        asks = [[b"HPTTL", argv[1], b"FIELDS", str(len(argv[2::2])).encode(), *argv[2::2]]
+                for argv in hsets]
+        replies = await self.backend.pipeline(*asks)
+        _check(replies, "HPTTL")
+        return [[b"HPEXPIRE", argv[1], str(ms).encode(), b"FIELDS", b"1", name]
+                for argv, ttls in zip(hsets, replies, strict=True)
+                for name, ms in zip(argv[2::2], ttls, strict=True) if ms > 0]
+
+    def _list(self, key: bytes, rule: ProtectRule, got: list[Any],
+              counts: Counts) -> list[list[bytes]]:
         ad = associated(LIST, rule.list_binding)
         writes = []
-        for index, value in enumerate(await self.backend.call(b"LRANGE", key, b"0", b"-1")):
+        for index, value in enumerate(got[0]):
             new = self._value(value, ad, counts)
             if new is not None:
                 writes.append([b"LSET", key, str(index).encode(), new])
         return writes
 
-    async def _stream(self, key: bytes, rule: ProtectRule, counts: Counts) -> list[list[bytes]]:
-        groups = await self.backend.call(b"XINFO", b"GROUPS", key)
-        entries = await self.backend.call(b"XRANGE", key, b"-", b"+")
+    def _stream(self, key: bytes, rule: ProtectRule, got: list[Any],
+                counts: Counts) -> list[list[bytes]]:
+        groups, entries, info_flat, ttl_ms = got
         adds = []
         for entry_id, flat in entries:
             argv = [b"XADD", key, entry_id]
@@ -342,16 +411,21 @@ class Rewrap:
             counts.streams_with_groups = 1
             counts.stream_values_left, counts.rewrapped = counts.rewrapped, 0
             return []
-        info = dict(_pairs(await self.backend.call(b"XINFO", b"STREAM", key)))
+        info = dict(_pairs(info_flat))
         setid = [b"XSETID", key, info[b"last-generated-id"]]
         if self.xsetid_counters:
             setid += [b"ENTRIESADDED", str(info[b"entries-added"]).encode(),
                       b"MAXDELETEDID", info[b"max-deleted-entry-id"]]
         writes = [[b"DEL", key], *adds, setid]
-        ttl_ms = await self.backend.call(b"PTTL", key)
         if ttl_ms > 0:
             writes.append([b"PEXPIRE", key, str(ttl_ms).encode()])
         return writes
+
+
+def _check(replies: list[Any], what: str) -> None:
+    for reply in replies:
+        if isinstance(reply, hiredis.ReplyError):
+            raise RewrapError(f"{what} failed: {reply}")
 
 
 class Progress:

@@ -10,7 +10,6 @@ import random
 import subprocess
 import sys
 import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -247,41 +246,46 @@ def test_a_write_between_read_and_exec_wins_and_is_not_lost(site: Site) -> None:
 
 
 def test_concurrent_writer_thread_loses_nothing(site: Site) -> None:
-    """A real client writing the same keys while the command runs as a process."""
-    seed(site)
-    new = site.new
-    last: dict[bytes, bytes] = {}
-    stop = threading.Event()
-    writes = 0
+    """A real client thread writes the keys (under the new key, as a reloaded proxy would)
+    while rewrap runs; rounds until some of its writes landed between a batch's read and
+    its EXEC (counted as retries), and no round may lose one."""
+    r, old, new = site.r, site.old, site.new
+    keys = [f"app:phi:c:{i}".encode() for i in range(3000)]
+    retried = 0
+    for round_ in range(5):
+        pipe = r.pipeline(transaction=False)
+        for i, key in enumerate(keys):
+            pipe.set(key, old.encrypt(b"seed %d" % i, associated(STRING, key)))
+        pipe.execute()
+        last: dict[bytes, bytes] = {}
+        stop = threading.Event()
 
-    def writer() -> None:
-        nonlocal writes
-        rnd = random.Random(7)
-        while not stop.is_set():
-            i = rnd.randrange(STRINGS)
-            key = f"app:phi:s:{i}".encode()
-            value = b"v%d" % writes
-            site.r.set(key, new.encrypt(value, associated(STRING, key)), keepttl=True)
-            last[key] = value
-            writes += 1
+        def writer(seed: int = round_, stop: threading.Event = stop,
+                   last: dict[bytes, bytes] = last) -> None:
+            rnd, n = random.Random(seed), 0
+            while not stop.is_set():
+                key = keys[rnd.randrange(len(keys))]
+                value = b"w%d-%d" % (seed, n)
+                r.set(key, new.encrypt(value, associated(STRING, key)))
+                last[key] = value
+                n += 1
 
-    thread = threading.Thread(target=writer)
-    thread.start()
-    try:
-        started = time.monotonic()
-        done = rewrap_cli(site)
-        elapsed = time.monotonic() - started
-    finally:
-        stop.set()
-        thread.join(10)
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert writes > 50, (writes, elapsed)  # the writer really ran alongside
-    for i in range(STRINGS):
-        key = f"app:phi:s:{i}".encode()
-        value = site.r.get(key)
-        assert key_id_of(value) == new.primary
-        assert new.decrypt(value, associated(STRING, key)) == last.get(key, b"patient %d" % i)
-    assert site.verify() == 0
+        thread = threading.Thread(target=writer)
+        thread.start()
+        try:
+            counts = asyncio.run(rewrap(site.config))
+        finally:
+            stop.set()
+            thread.join(10)
+        assert counts.busy == 0 and counts.undecryptable == 0
+        for i, key in enumerate(keys):
+            value = r.get(key)
+            assert key_id_of(value) == new.primary, key
+            assert new.decrypt(value, associated(STRING, key)) == last.get(key, b"seed %d" % i)
+        retried += counts.retries
+        if retried:
+            break
+    assert retried, "the writer never hit a batch between its read and its EXEC"
 
 
 def test_while_the_proxy_runs_the_record_goes_to_the_companion_trail(
