@@ -12,12 +12,12 @@ from proxy.policy.engine import CompiledRole
 from proxy.review.tighten import tighten, unused_grants
 from proxy.review.trail import Trail
 from proxy.review.usage import (
-    aggregate,
+    MAX_SHAPES_PER_ROLE,
+    UsageCollector,
     by_role,
     identity_label,
     identity_rules_seen,
     ts_text,
-    used_commands,
 )
 
 COVERAGE = ("the trail records every command that touches a phi_keys key or can read or "
@@ -31,16 +31,26 @@ def trail_summary(trail: Trail) -> dict[str, Any]:
     return {
         "status": status, "source": trail.source, "unavailable": trail.unavailable,
         "checks": [c.as_dict() for c in trail.checks],
-        "records_in_window": len(trail.records), "records_in_files": trail.total_records,
+        "records_in_window": trail.records_in_window, "records_in_files": trail.total_records,
         "unreadable_lines": trail.unreadable_lines,
         "numbers_from_broken_trail": status == "broken",
     }
 
 
-def access_review(config: Config, roles: dict[str, CompiledRole], trail: Trail) -> dict[str, Any]:
-    uses = aggregate(trail.records, config, roles)
+def run_access_review(config: Config, roles: dict[str, CompiledRole],
+                      trail: Trail) -> dict[str, Any]:
+    """Scan the trail and review it (the access-review command)."""
+    usage = UsageCollector(config, roles)
+    trail.scan([usage.add])
+    return access_review(config, roles, trail, usage)
+
+
+def access_review(config: Config, roles: dict[str, CompiledRole], trail: Trail,
+                  usage_seen: UsageCollector) -> dict[str, Any]:
+    """The review, from a trail already scanned into `usage_seen`."""
+    uses = usage_seen.uses
     per_role = by_role(uses)
-    shapes = used_commands(trail.records)
+    shapes = usage_seen.shapes()
     role_out: dict[str, Any] = {}
     for name, compiled in roles.items():
         role_config = config.roles[name]
@@ -64,7 +74,9 @@ def access_review(config: Config, roles: dict[str, CompiledRole], trail: Trail) 
         "window": {"since": ts_text(trail.since), "until": ts_text(trail.until)},
         "config": str(config.path),
         "trail": trail_summary(trail),
-        "coverage": COVERAGE,
+        "coverage": COVERAGE + (
+            f"; {usage_seen.shapes_dropped} uses beyond {MAX_SHAPES_PER_ROLE} distinct shapes "
+            "per role were counted but not re-checked" if usage_seen.shapes_dropped else ""),
         "identities": [u.as_dict() for u in sorted(
             uses.values(), key=lambda u: (identity_label(u.identity), u.role))],
         "roles": role_out,

@@ -46,7 +46,7 @@ def _load(config_path: str):  # type: ignore[no-untyped-def]
 
 
 def cmd_access_review(args: argparse.Namespace) -> int:
-    from proxy.review.access import access_review, render_text
+    from proxy.review.access import render_text, run_access_review
     from proxy.review.trail import parse_since, read_trail
 
     try:
@@ -58,7 +58,7 @@ def cmd_access_review(args: argparse.Namespace) -> int:
     if loaded is None:
         return EXIT_USAGE
     config, _, roles = loaded
-    review = access_review(config, roles, read_trail(config, since))
+    review = run_access_review(config, roles, read_trail(config, since))
     print(json.dumps(review, indent=2) if args.json else render_text(review))
     return EXIT_OK
 

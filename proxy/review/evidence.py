@@ -24,7 +24,7 @@ from proxy.policy import extras as ex
 from proxy.policy.engine import CompiledRole
 from proxy.review.access import access_review, trail_summary
 from proxy.review.trail import Trail
-from proxy.review.usage import identity_label, reason_kind, ts_text
+from proxy.review.usage import REASON_KINDS, UsageCollector, identity_label, reason_kind, ts_text
 
 EXPIRY_WARNING_DAYS = 30
 SCAN_TIMEOUT_S = 15.0
@@ -68,9 +68,12 @@ class Hours:
 
 def build_report(config: Config, decide: Any, roles: dict[str, CompiledRole], trail: Trail,
                  hours: Hours, gap: timedelta, now: datetime) -> dict[str, Any]:
-    review = access_review(config, roles, trail)
-    records = trail.records
-    controls = controls_section(config, decide, roles)
+    usage = UsageCollector(config, roles)
+    clients, phi = ClientsSeen(), PhiAccess(roles, hours)
+    denials, after = Denials(), AfterHours(hours)
+    trail.scan([usage.add, clients.add, phi.add, denials.add, after.add])
+    review = access_review(config, roles, trail, usage)
+    controls = controls_section(config, decide, roles, trail)
     report: dict[str, Any] = {
         "title": "phiproxy evidence pack",
         "generated": ts_text(now),
@@ -84,11 +87,11 @@ def build_report(config: Config, decide: Any, roles: dict[str, CompiledRole], tr
         "numbers_from_broken_trail": trail.status() == "broken",
         "controls": controls,
         "permissions": permissions_section(config, roles),
-        "certificates": certificates_section(config, records, now),
+        "certificates": certificates_section(config, clients, now),
         "integrity": integrity_section(trail, gap),
-        "phi_access": phi_access_section(records, roles, hours),
-        "denials": denials_section(records),
-        "after_hours": after_hours_section(records, hours),
+        "phi_access": phi.result(),
+        "denials": denials.result(),
+        "after_hours": after.result(),
         "access_review": review,
     }
     report["findings"] = top_findings(report)
@@ -98,10 +101,13 @@ def build_report(config: Config, decide: Any, roles: dict[str, CompiledRole], tr
 # ---------------------------------------------------------------- controls
 
 
-def controls_section(config: Config, decide: Any, roles: dict[str, Any]) -> dict[str, Any]:
+def controls_section(config: Config, decide: Any, roles: dict[str, Any],
+                     trail: Trail) -> dict[str, Any]:
+    """scan-backend's controls (its audit-chain control answered from `trail`, verified
+    once for the whole report) and the proxy's own."""
     from proxy.backend import BackendUnavailable
     from proxy.config import backend_node
-    from proxy.scan import SECTIONS, Evidence, Scan, _quiet_backend_log, run_controls, scan_backend
+    from proxy.scan import CONTROLS, SECTIONS, Evidence, Scan, _quiet_backend_log, scan_backend
     from proxy.tls import TLSConfigError
 
     cfg = config.backend
@@ -115,7 +121,9 @@ def controls_section(config: Config, decide: Any, roles: dict[str, Any]) -> dict
         ev = Evidence(cfg.address, cfg.port, cfg.username or "default",
                       config_error=unreachable, info_error=unreachable, acl_error=unreachable,
                       dryrun_error=unreachable)
-    findings = [f.as_dict() for f in run_controls(Scan(config, ev, roles, decide))]
+    scan = Scan(config, ev, roles, decide)
+    findings = [c.run(scan).as_dict() if c.id != AUDIT_CHAIN else _audit_chain(c, trail)
+                for c in CONTROLS]
     for finding in findings:
         backend_side = finding["id"].startswith("backend-") or finding["id"] == \
             "proxy-backend-link"
@@ -133,6 +141,30 @@ def controls_section(config: Config, decide: Any, roles: dict[str, Any]) -> dict
                      for key, title in SECTIONS.items()],
         "summary": {v: counts.get(v, 0) for v in ("pass", "fail", "unknown", "not checked")},
     }
+
+
+AUDIT_CHAIN = "proxy-audit-chain"
+
+
+def _audit_chain(control: Any, trail: Trail) -> dict[str, Any]:
+    from proxy.scan import SECTIONS
+
+    status = trail.status()
+    if status == "verified":
+        verdict = "pass"
+        observed = "; ".join(f"{c.name}: {c.records} records in {len(c.files)} file(s), chain "
+                             "and head intact" for c in trail.checks)
+    elif status == "broken":
+        verdict = "fail"
+        observed = "; ".join(f"{c.where}: {c.problem}" for c in trail.checks
+                             if c.verified is False)
+    else:
+        verdict = "unknown"
+        observed = trail.unavailable or "; ".join(c.problem or "" for c in trail.checks)
+    return {"id": control.id, "title": control.title, "hipaa": f"164.312({control.section})",
+            "section": control.section, "section_title": SECTIONS[control.section],
+            "verdict": verdict, "observed": observed, "fix": control.fix,
+            "note": "; ".join(n for c in trail.checks for n in c.notes)}
 
 
 def _control(id_: str, section: str, title: str, ok: bool, observed: str,
@@ -307,26 +339,26 @@ def _crl_entry(path: Path | None, now: datetime) -> dict[str, Any]:
             "revoked": len(crl), "status": status}
 
 
-def certificates_section(config: Config, records: list[dict[str, Any]],
-                         now: datetime) -> dict[str, Any]:
-    listener, backend = config.listener, config.backend
-    inventory = (_cert_entry("proxy server certificate", listener.cert, now)
-                 + _cert_entry("client CA", listener.client_ca, now)
-                 + _cert_entry("proxy-to-backend client certificate", backend.cert, now)
-                 + _cert_entry("backend CA", backend.ca, now))
-    seen: dict[str, dict[str, Any]] = {}
-    for record in records:
+class ClientsSeen:
+    """Client certificates of the window, as the trail records them."""
+
+    def __init__(self) -> None:
+        self.seen: dict[str, dict[str, Any]] = {}
+
+    def add(self, record: dict[str, Any]) -> None:
         identity = record.get("identity")
         event = record.get("event")
         if not isinstance(identity, dict) or event not in ("connect", "identity_refused",
                                                            "lockout"):
-            continue
+            return
         fingerprint = identity.get("fingerprint") or "?"
-        entry = seen.setdefault(fingerprint, {
+        when = ts_text(record["_ts"])
+        entry = self.seen.setdefault(fingerprint, {
             "cn": identity.get("cn"), "san_uri": identity.get("san_uri"),
             "fingerprint": fingerprint, "roles": [], "connections": 0, "refused": 0,
-            "locked_out": 0, "first_seen": ts_text(record["_ts"]), "last_seen": None})
-        entry["last_seen"] = ts_text(record["_ts"])
+            "locked_out": 0, "first_seen": when, "last_seen": when})
+        entry["first_seen"] = min(entry["first_seen"], when)
+        entry["last_seen"] = max(entry["last_seen"], when)
         if event == "connect":
             entry["connections"] += 1
             if record.get("role") and record["role"] not in entry["roles"]:
@@ -335,8 +367,17 @@ def certificates_section(config: Config, records: list[dict[str, Any]],
             entry["refused"] += 1
         else:
             entry["locked_out"] += 1
+
+
+def certificates_section(config: Config, clients: ClientsSeen, now: datetime) -> dict[str, Any]:
+    listener, backend = config.listener, config.backend
+    inventory = (_cert_entry("proxy server certificate", listener.cert, now)
+                 + _cert_entry("client CA", listener.client_ca, now)
+                 + _cert_entry("proxy-to-backend client certificate", backend.cert, now)
+                 + _cert_entry("backend CA", backend.ca, now))
     return {"inventory": inventory, "crl": _crl_entry(listener.crl, now),
-            "clients_seen": sorted(seen.values(), key=lambda e: (e["cn"] or "", e["fingerprint"])),
+            "clients_seen": sorted(clients.seen.values(),
+                                   key=lambda e: (e["cn"] or "", e["fingerprint"])),
             "expiry_warning_days": EXPIRY_WARNING_DAYS,
             "clients_note": "client certificates as the trail records them (CN, URI SAN, "
                             "SHA-256 fingerprint); the proxy refuses an expired or revoked one "
@@ -347,27 +388,30 @@ def certificates_section(config: Config, records: list[dict[str, Any]],
 
 
 def integrity_section(trail: Trail, gap: timedelta) -> dict[str, Any]:
-    records = trail.records
-    events = Counter(str(r.get("event")) for r in records)
+    """Verification, span, records per event, silences (over every trail together: a
+    silence is a time in which no trail has a record), starts, stops and reloads."""
+    stamps = sorted(trail.stamps)
+    limit = gap.total_seconds()
     gaps = []
-    for before, after in zip(records, records[1:], strict=False):
-        silence = after["_ts"] - before["_ts"]
-        if silence > gap:
-            gaps.append({"from": ts_text(before["_ts"]), "to": ts_text(after["_ts"]),
-                         "hours": round(silence.total_seconds() / 3600, 2),
-                         "after": before.get("event"), "before": after.get("event"),
-                         "proxy_stopped": before.get("event") == "stop"})
-    starts = [r for r in records if r.get("event") in ("start", "stop", "reload")]
+    for before, after in zip(stamps, stamps[1:], strict=False):
+        if after - before > limit:
+            gaps.append({"from": _ts(before), "to": _ts(after),
+                         "hours": round((after - before) / 3600, 2)})
     return {
         **trail_summary(trail),
-        "span": {"first": ts_text(records[0]["_ts"]) if records else None,
-                 "last": ts_text(records[-1]["_ts"]) if records else None},
-        "events": dict(sorted(events.items())),
-        "gap_threshold_hours": round(gap.total_seconds() / 3600, 2),
+        "span": {"first": _ts(stamps[0]) if stamps else None,
+                 "last": _ts(stamps[-1]) if stamps else None},
+        "events": dict(sorted(trail.events.items())),
+        "gap_threshold_hours": round(limit / 3600, 2),
         "gaps": gaps,
-        "lifecycle": [{"ts": ts_text(r["_ts"]), "event": r.get("event"),
-                       "ok": r.get("ok"), "instance": r.get("instance")} for r in starts],
+        "lifecycle": [{"ts": ts_text(r["_ts"]), "event": r.get("event"), "ok": r.get("ok"),
+                       "instance": r.get("instance")}
+                      for r in sorted(trail.lifecycle, key=lambda r: r["_ts"])],
     }
+
+
+def _ts(seconds: float) -> str | None:
+    return ts_text(datetime.fromtimestamp(seconds, UTC))
 
 
 # ---------------------------------------------------------------- PHI access
@@ -382,86 +426,111 @@ def _kind(roles: dict[str, CompiledRole], command: str) -> str:
         else KIND_OTHER
 
 
-def phi_access_section(records: list[dict[str, Any]], roles: dict[str, CompiledRole],
-                       hours: Hours) -> dict[str, Any]:
-    per_day: dict[str, Counter[str]] = defaultdict(Counter)
-    kinds: dict[str, Counter[str]] = defaultdict(Counter)
-    denied: Counter[str] = Counter()
-    for record in records:
+class PhiAccess:
+    """Recorded commands per identity per day (in the report's time zone) and by kind."""
+
+    def __init__(self, roles: dict[str, CompiledRole], hours: Hours):
+        self.roles, self.hours = roles, hours
+        self.per_day: dict[str, Counter[str]] = defaultdict(Counter)
+        self.kinds: dict[str, Counter[str]] = defaultdict(Counter)
+        self.denied: Counter[str] = Counter()
+        self._kind_cache: dict[str, str] = {}
+
+    def add(self, record: dict[str, Any]) -> None:
         event = record.get("event")
         if event not in ("command", "denied"):
-            continue
+            return
         who = identity_label(record.get("identity"))
         if event == "denied":
-            denied[who] += 1
-            continue
-        day = record["_ts"].astimezone(hours.tz).date().isoformat()
-        per_day[day][who] += 1
-        kinds[who][_kind(roles, str(record.get("command")))] += 1
-    identities = sorted({who for c in per_day.values() for who in c} | set(denied))
-    return {
-        "tz": hours.tz_name,
-        "identities": identities,
-        "days": [{"day": day, "counts": dict(sorted(per_day[day].items()))}
-                 for day in sorted(per_day)],
-        "by_identity": {who: {"read": kinds[who][KIND_READ], "write": kinds[who][KIND_WRITE],
-                              "other": kinds[who][KIND_OTHER], "denied": denied[who],
-                              "total": sum(kinds[who].values())} for who in identities},
-        "note": "recorded commands (SPEC §6: commands on phi_keys keys, and commands that "
-                "read or destroy keys without naming them), by kind; keys are never listed",
-    }
+            self.denied[who] += 1
+            return
+        day = record["_ts"].astimezone(self.hours.tz).date().isoformat()
+        self.per_day[day][who] += 1
+        command = str(record.get("command"))
+        kind = self._kind_cache.get(command)
+        if kind is None:
+            kind = self._kind_cache[command] = _kind(self.roles, command)
+        self.kinds[who][kind] += 1
+
+    def result(self) -> dict[str, Any]:
+        per_day, kinds, denied = self.per_day, self.kinds, self.denied
+        identities = sorted({who for c in per_day.values() for who in c} | set(denied))
+        return {
+            "tz": self.hours.tz_name,
+            "identities": identities,
+            "days": [{"day": day, "counts": dict(sorted(per_day[day].items()))}
+                     for day in sorted(per_day)],
+            "by_identity": {who: {"read": kinds[who][KIND_READ],
+                                  "write": kinds[who][KIND_WRITE],
+                                  "other": kinds[who][KIND_OTHER], "denied": denied[who],
+                                  "total": sum(kinds[who].values())} for who in identities},
+            "note": "recorded commands (SPEC §6: commands on phi_keys keys, and commands that "
+                    "read or destroy keys without naming them), by kind; keys are never listed",
+        }
 
 
-def denials_section(records: list[dict[str, Any]]) -> dict[str, Any]:
-    denials: Counter[tuple[str, str, str, str]] = Counter()
-    lockouts = []
-    refused: Counter[tuple[str, str]] = Counter()
-    for record in records:
+class Denials:
+    """Refused commands by identity, role, command and kind; lockouts; refused connections."""
+
+    def __init__(self) -> None:
+        self.denials: Counter[tuple[str, str, str, str]] = Counter()
+        self.lockouts: list[dict[str, Any]] = []
+        self.refused: Counter[tuple[str, str]] = Counter()
+
+    def add(self, record: dict[str, Any]) -> None:
         event = record.get("event")
         if event == "denied":
-            denials[(identity_label(record.get("identity")), str(record.get("role")),
-                     str(record.get("command")), reason_kind(record.get("reason")))] += 1
+            self.denials[(identity_label(record.get("identity")), str(record.get("role")),
+                          str(record.get("command")), reason_kind(record.get("reason")))] += 1
         elif event == "lockout":
             blocked = record.get("blocked") if isinstance(record.get("blocked"), dict) else {}
-            lockouts.append({"ts": ts_text(record["_ts"]), "kind": blocked.get("kind"),
-                             "address": blocked.get("address"),
-                             "subject": blocked.get("subject"),
-                             "fingerprint": blocked.get("fingerprint"),
-                             "failures": record.get("failures"),
-                             "block_s": record.get("block_s"), "reason": record.get("reason")})
+            self.lockouts.append({
+                "ts": ts_text(record["_ts"]), "kind": blocked.get("kind"),
+                "address": blocked.get("address"), "subject": blocked.get("subject"),
+                "fingerprint": blocked.get("fingerprint"), "failures": record.get("failures"),
+                "block_s": record.get("block_s"), "reason": record.get("reason")})
         elif event in ("tls_failed", "identity_refused"):
-            refused[(str(event), str(record.get("subject") or record.get("src") or "?"))] += 1
-    from proxy.review.usage import REASON_KINDS
+            who = str(record.get("subject") or record.get("src") or "?")
+            self.refused[(str(event), who)] += 1
 
-    return {
-        "denials": [{"identity": i, "role": r, "command": c, "reason": k,
-                     "reason_text": REASON_KINDS[k], "count": n}
-                    for (i, r, c, k), n in sorted(denials.items())],
-        "denials_total": sum(denials.values()),
-        "lockouts": lockouts,
-        "refused_connections": [{"event": e, "who": w, "count": n}
-                                for (e, w), n in sorted(refused.items())],
-    }
+    def result(self) -> dict[str, Any]:
+        return {
+            "denials": [{"identity": i, "role": r, "command": c, "reason": k,
+                         "reason_text": REASON_KINDS[k], "count": n}
+                        for (i, r, c, k), n in sorted(self.denials.items())],
+            "denials_total": sum(self.denials.values()),
+            "lockouts": sorted(self.lockouts, key=lambda x: x["ts"] or ""),
+            "refused_connections": [{"event": e, "who": w, "count": n}
+                                    for (e, w), n in sorted(self.refused.items())],
+        }
 
 
-def after_hours_section(records: list[dict[str, Any]], hours: Hours) -> dict[str, Any]:
-    per: dict[str, Counter[str]] = defaultdict(Counter)
-    first_last: dict[str, list[datetime]] = {}
-    for record in records:
-        if record.get("event") not in ("command", "denied") or not hours.after_hours(
-                record["_ts"]):
-            continue
+class AfterHours:
+    """Recorded commands and refusals outside the usual hours, per identity."""
+
+    def __init__(self, hours: Hours):
+        self.hours = hours
+        self.per: dict[str, Counter[str]] = defaultdict(Counter)
+        self.span: dict[str, list[datetime]] = {}
+
+    def add(self, record: dict[str, Any]) -> None:
+        ts = record["_ts"]
+        if record.get("event") not in ("command", "denied") or not self.hours.after_hours(ts):
+            return
         who = identity_label(record.get("identity"))
-        per[who][str(record.get("event"))] += 1
-        span = first_last.setdefault(who, [record["_ts"], record["_ts"]])
-        span[1] = record["_ts"]
-    return {
-        "definition": hours.describe(),
-        "identities": [{"identity": who, "commands": c["command"], "denied": c["denied"],
-                        "first": ts_text(first_last[who][0]), "last": ts_text(first_last[who][1])}
-                       for who, c in sorted(per.items())],
-        "total": sum(c["command"] + c["denied"] for c in per.values()),
-    }
+        self.per[who][str(record.get("event"))] += 1
+        span = self.span.setdefault(who, [ts, ts])
+        span[0], span[1] = min(span[0], ts), max(span[1], ts)
+
+    def result(self) -> dict[str, Any]:
+        return {
+            "definition": self.hours.describe(),
+            "identities": [{"identity": who, "commands": c["command"], "denied": c["denied"],
+                            "first": ts_text(self.span[who][0]),
+                            "last": ts_text(self.span[who][1])}
+                           for who, c in sorted(self.per.items())],
+            "total": sum(c["command"] + c["denied"] for c in self.per.values()),
+        }
 
 
 def top_findings(report: dict[str, Any]) -> list[dict[str, str]]:

@@ -18,6 +18,7 @@ margin-top:2em}h3{margin-bottom:.3em}
 table{border-collapse:collapse;width:100%;margin:.5em 0 1em}
 th,td{border:1px solid #bbb;padding:.25em .5em;text-align:left;vertical-align:top}
 th{background:#eee}td.n{text-align:right;font-variant-numeric:tabular-nums}
+td{overflow-wrap:anywhere}
 code{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:.92em;word-break:break-all}
 .meta{color:#444}.pass{color:#17692b;font-weight:600}.fail{color:#b00020;font-weight:700}
 .unknown,.not-checked{color:#8a5a00;font-weight:600}
@@ -261,8 +262,8 @@ def _integrity(i: dict[str, Any]) -> str:
     out.append("<h3>Records per event</h3>")
     out.append(_table(["event", "records"], [[e, n] for e, n in i["events"].items()], {1}))
     out.append(f"<h3>Gaps longer than {_e(i['gap_threshold_hours'])} h</h3>")
-    out.append(_table(["from", "to", "hours", "last record before", "first record after"], [
-        [g["from"], g["to"], g["hours"], g["after"], g["before"]] for g in i["gaps"]], {2}))
+    out.append(_table(["from", "to", "hours"], [
+        [g["from"], g["to"], g["hours"]] for g in i["gaps"]], {2}))
     out.append("<h3>Starts, stops and reloads</h3>")
     out.append(_table(["time", "event", "ok", "instance"], [
         [x["ts"], x["event"], x["ok"], x["instance"]] for x in i["lifecycle"]]))

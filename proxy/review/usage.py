@@ -134,24 +134,35 @@ class PatternIndex:
         return found + [label for label, match in self.phi if match(raw)]
 
 
-def aggregate(records: list[dict[str, Any]], config: Config,
-              roles: dict[str, CompiledRole]) -> dict[tuple[str, str], Use]:
-    """Per (identity key, role): what it did. The identity key is the certificate's
-    fingerprint (the CN when there is none)."""
-    uses: dict[tuple[str, str], Use] = {}
-    indexes = {name: PatternIndex(role, config.audit.phi_keys) for name, role in roles.items()}
-    for record in records:
+MAX_SHAPES_PER_ROLE = 10_000  # distinct uses kept for the engine to re-check
+
+
+class UsageCollector:
+    """Fed every record of the window once (`add`), in any order. `uses`: per (identity
+    key, role) what it did, the identity key being the certificate's fingerprint (the CN
+    when there is none). `shapes`: per role, one {command, keys, db} for each distinct
+    command, database and pattern coverage of its keys, for the engine to re-check (a
+    million GETs on a million keys under one pattern are one shape)."""
+
+    def __init__(self, config: Config, roles: dict[str, CompiledRole]):
+        self.uses: dict[tuple[str, str], Use] = {}
+        self._phi_keys = config.audit.phi_keys
+        self._indexes = {name: PatternIndex(role, self._phi_keys)
+                         for name, role in roles.items()}
+        self._shapes: dict[str, dict[tuple[Any, ...], dict[str, Any]]] = defaultdict(dict)
+        self.shapes_dropped = 0
+
+    def add(self, record: dict[str, Any]) -> None:
         event, role = record.get("event"), record.get("role")
         identity = record.get("identity")
         if event not in ("connect", "command", "denied", "disconnect", "auth") or not role \
                 or not isinstance(identity, dict):
-            continue
+            return
         who = identity.get("fingerprint") or identity.get("cn") or "?"
-        use = uses.get((who, role))
+        use = self.uses.get((who, role))
         if use is None:
-            use = uses[(who, role)] = Use(dict(identity), role)
-        ts = record["_ts"]
-        use.seen(ts)
+            use = self.uses[(who, role)] = Use(dict(identity), role)
+        use.seen(record["_ts"])
         if event == "connect":
             use.connections += 1
         elif event == "auth":
@@ -161,17 +172,32 @@ def aggregate(records: list[dict[str, Any]], config: Config,
             if isinstance(commands, int):
                 use.connection_commands += commands
         elif event == "command":
-            use.commands[str(record.get("command"))] += 1
-            if isinstance(record.get("db"), int):
-                use.dbs[record["db"]] += 1
-            index = indexes.get(role) or PatternIndex(None, config.audit.phi_keys)
-            labels: set[str] = set()
-            for key in record.get("keys") or ():
-                labels.update(index.labels(str(key)))
-            use.key_patterns.update(labels)  # a command counts once per pattern
+            self._command(use, record)
         else:
             use.denials[(str(record.get("command")), reason_kind(record.get("reason")))] += 1
-    return uses
+
+    def _command(self, use: Use, record: dict[str, Any]) -> None:
+        command = str(record.get("command"))
+        db = record.get("db")
+        use.commands[command] += 1
+        if isinstance(db, int):
+            use.dbs[db] += 1
+        index = self._indexes.get(use.role)
+        if index is None:
+            index = self._indexes[use.role] = PatternIndex(None, self._phi_keys)
+        keys = tuple(str(k) for k in record.get("keys") or ())
+        per_key = tuple(tuple(index.labels(key)) for key in keys)
+        use.key_patterns.update({label for labels in per_key for label in labels})
+        shapes = self._shapes[use.role]
+        shape = (command, db, per_key)
+        if shape not in shapes:
+            if len(shapes) >= MAX_SHAPES_PER_ROLE:
+                self.shapes_dropped += 1
+                return
+            shapes[shape] = {"command": command, "keys": keys, "db": db}
+
+    def shapes(self) -> dict[str, list[dict[str, Any]]]:
+        return {role: list(shapes.values()) for role, shapes in self._shapes.items()}
 
 
 def by_role(uses: dict[tuple[str, str], Use]) -> dict[str, Use]:
@@ -193,20 +219,6 @@ def by_role(uses: dict[tuple[str, str], Use]) -> dict[str, Use]:
             if ts is not None:
                 total.seen(ts)
     return out
-
-
-def used_commands(records: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
-    """role -> the distinct allowed commands of the window, each {command, keys, db}
-    (one per distinct shape, for the engine to re-check)."""
-    seen: dict[str, dict[tuple[Any, ...], dict[str, Any]]] = defaultdict(dict)
-    for record in records:
-        if record.get("event") != "command" or not record.get("role"):
-            continue
-        keys = tuple(str(k) for k in record.get("keys") or ())
-        shape = (record.get("command"), keys, record.get("db"))
-        seen[record["role"]].setdefault(shape, {"command": str(record.get("command")),
-                                                "keys": keys, "db": record.get("db")})
-    return {role: list(shapes.values()) for role, shapes in seen.items()}
 
 
 def identity_rules_seen(config: Config, uses: dict[tuple[str, str], Use]) -> list[dict[str, Any]]:

@@ -31,6 +31,7 @@ from tests.helpers import (
     free_port,
     start_proxy,
     start_redis,
+    wait_port,
     write_proxy_config,
 )
 
@@ -294,6 +295,9 @@ def test_a_trail_with_one_edited_record_is_reported_broken(
     assert report["trail_status"] == "broken" and report["findings"][0]["severity"] == \
         "critical"
     assert "does NOT verify" in (out / "report.html").read_text()
+    (chain,) = [f for s in report["controls"]["sections"] for f in s["findings"]
+                if f["id"] == "proxy-audit-chain"]
+    assert chain["verdict"] == "fail" and "bad mac" in chain["observed"]
 
 
 @pytest.fixture(scope="module")
@@ -443,3 +447,35 @@ def test_unreachable_backend_and_no_trail_are_findings(pki: PKI, tmp_path: Path)
     review = run_cli("access-review", "-c", str(config), "--json")
     assert review.returncode == 0
     assert json.loads(review.stdout)["trail"]["status"] == "unavailable"
+
+
+def test_workers_trails_are_all_read(pki: PKI, tmp_path: Path) -> None:
+    """`run --workers 2` writes one chain per worker: both are verified and counted."""
+    backend = start_redis(pki, tmp_path / "redis")
+    port = free_port()
+    config = write_proxy_config(pki, tmp_path / "p", backend.port, port)
+    log = (tmp_path / "p" / "proxy.log").open("wb")
+    proc = subprocess.Popen([sys.executable, "-m", "proxy", "run", "-c", str(config),
+                             "--workers", "2"], stdout=log, stderr=subprocess.STDOUT)
+    log.close()
+    proxy = Proxy(port, proc, config, pki, tmp_path / "p" / "proxy.log")
+    try:
+        wait_port(port, proc)
+        for i in range(16):  # new connections spread over the workers
+            client = proxy.client("app-writer")
+            assert client.set(f"app:phi:w{i}", i)
+            client.close()
+    finally:
+        assert proxy.stop() == 0, proxy.stderr()
+        backend.stop()
+    trails = sorted((tmp_path / "p").glob("audit.w*.jsonl"))
+    assert len(trails) == 2
+    records = [json.loads(line) for t in trails for line in t.read_text().splitlines()]
+    assert all(any('"event":"command"' in line for line in t.read_text().splitlines())
+               for t in trails), "both workers served clients"
+    review = json.loads(run_cli("access-review", "-c", str(config), "--json").stdout)
+    assert review["trail"]["status"] == "verified"
+    assert sorted(c["trail"] for c in review["trail"]["checks"]) == [str(t) for t in trails]
+    assert review["trail"]["records_in_window"] == len(records)
+    (writer,) = review["identities"]
+    assert writer["commands"] == {"set": 16} and writer["connections"] == 16
