@@ -79,10 +79,17 @@ class BackendConfig:
     shared_connections: int = 2  # pipelined connections shared by stateless clients
     unix_socket: Path | None = None  # a co-located Redis with no network listener
     health_interval_s: float = 2.0  # every node checked this often, traffic or not
+    # mode = "sentinel": where to ask for the primary (TLS, the same ca/cert/key)
+    sentinels: tuple[tuple[str, int], ...] = ()
+    master_name: str | None = None
 
 
 def backend_node(cfg: BackendConfig) -> str:
-    """Where the backend is, for messages: host:port, or the unix socket's path."""
+    """Where the backend is, for messages: host:port, the unix socket's path, or the
+    primary the sentinels name."""
+    if cfg.mode == "sentinel":
+        return (f"the primary of '{cfg.master_name}' (sentinels "
+                f"{', '.join(f'{h}:{p}' for h, p in cfg.sentinels)})")
     return str(cfg.unix_socket) if cfg.unix_socket is not None else f"{cfg.address}:{cfg.port}"
 
 
@@ -612,16 +619,20 @@ def _backend(p: _Problems, data: dict[str, Any]) -> BackendConfig | None:
     d = BackendConfig
     unix_socket = _unix_socket(t)
     network = unix_socket is None  # TCP + TLS (the default), or a local socket
-    address = t.string("address", "" if not network else None, required=network,
-                       example='"127.0.0.1"', empty_ok=False)
+    mode = _backend_mode(t)
+    sentinel = mode == "sentinel"
+    address = t.string("address", "" if not network or sentinel else None,
+                       required=network and not sentinel, example='"127.0.0.1"',
+                       empty_ok=False)
     if address and not _HOSTNAME.fullmatch(address) and not _is_ip(address):
         t.fault("address", 'must be an IP address or a host name, e.g. address = "127.0.0.1"')
     elif address and _is_ip(address) and ipaddress.ip_address(address).is_unspecified:
         t.fault("address", 'is not an address one can connect to; e.g. address = "127.0.0.1"')
     password_file = t.file("password_file", secret=True)
+    sentinels, master_name = _sentinels(t, sentinel, unix_socket is not None)
     return BackendConfig(
         address=address,
-        port=t.port("port", 6379, required=True) if network else 0,
+        port=t.port("port", 6379, required=not sentinel) if network else 0,
         ca=t.file("ca", required=network),
         # the certificate is always verified: against the address when no name is given
         server_name=t.string("server_name", address, example='"localhost"', empty_ok=False),
@@ -634,10 +645,43 @@ def _backend(p: _Problems, data: dict[str, Any]) -> BackendConfig | None:
         connect_timeout_s=t.seconds("connect_timeout_s", d.connect_timeout_s, zero_ok=False),
         pool_size=t.integer("pool_size", d.pool_size, 0, 1000),
         learn_commands=t.boolean("learn_commands", d.learn_commands),
-        mode=_backend_mode(t),
+        mode=mode,
         shared_connections=t.integer("shared_connections", d.shared_connections, 1, 64),
         health_interval_s=_health_interval(t, d.health_interval_s),
+        sentinels=sentinels,
+        master_name=master_name,
     )
+
+
+def _sentinels(t: _Table, sentinel: bool, unix: bool) -> tuple[tuple[tuple[str, int], ...],
+                                                              str | None]:
+    """`mode = "sentinel"`: `sentinels = ["host:port", ...]` and `master_name`."""
+    example = '["10.0.0.5:26379", "10.0.0.6:26379", "10.0.0.7:26379"]'
+    items = t.list_of("sentinels", str, example)
+    name = t.string("master_name", example='"phi"', empty_ok=False)
+    if not sentinel:
+        for key, value in (("sentinels", items), ("master_name", name)):
+            if value is not None:
+                t.fault(key, 'is only used with mode = "sentinel"')
+        return (), None
+    if unix:
+        t.fault("unix_socket", 'cannot be used with mode = "sentinel" (Sentinel names TCP '
+                               "addresses)")
+    if not items:
+        t.p.add(f"{t.where} sentinels must list the sentinels to ask for the primary "
+                f'(mode = "sentinel"), e.g. sentinels = {example}')
+        items = []
+    if name is None:
+        t.p.add(f'{t.where} master_name must name the primary as the sentinels know it '
+                '(their `sentinel monitor <name> ...`), e.g. master_name = "phi"')
+    found = []
+    for item in items:
+        host, _, port = item.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            t.fault("sentinels", f'"{item}" is not host:port; e.g. sentinels = {example}')
+            continue
+        found.append((host.strip("[]"), int(port)))
+    return tuple(found), name
 
 
 def _health_interval(t: _Table, default: float) -> float:
@@ -673,8 +717,9 @@ def _unix_socket(t: _Table) -> Path | None:
 
 def _backend_mode(t: _Table) -> str:
     mode = t.string("mode", BackendConfig.mode, example='"standalone"', empty_ok=False)
-    if mode not in ("standalone", None):
-        t.fault("mode", f'"{mode}" is not available in this version; use mode = "standalone"')
+    if mode not in ("standalone", "sentinel", None):
+        t.fault("mode", f'"{mode}" is not available in this version; use mode = '
+                        '"standalone" or "sentinel"')
     return mode or BackendConfig.mode
 
 

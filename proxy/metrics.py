@@ -195,6 +195,7 @@ class Metrics:
         self._denied: dict[tuple[str, str, str], int] = {}
         self.protocol_errors = 0
         self.backend_lost_count = 0
+        self.backend_failovers = 0  # the primary moved (mode = "sentinel")
         self.l4_probes = 0
         self.reloads = {"ok": 0, "failed": 0}
         self.reload_sessions_closed = 0
@@ -444,6 +445,9 @@ class _Collector:
                                   "a RESP protocol error", value=m.protocol_errors)
         yield CounterMetricFamily(PREFIX + "backend_lost", "Backend connections lost under a "
                                   "client session", value=m.backend_lost_count)
+        yield CounterMetricFamily(PREFIX + "backend_failovers", "Times the backend primary "
+                                  "moved (Sentinel failover followed)",
+                                  value=m.backend_failovers)
         yield CounterMetricFamily(PREFIX + "l4_probes", "TCP connections closed before "
                                   "sending a byte (load balancer health checks); not "
                                   "refusals, not failures", value=m.l4_probes)

@@ -63,6 +63,8 @@ class ServerState:
         self.listener_ssl = listener_context(config.listener)
         self.cert_checks = ClientCertChecks.load(config.listener.crl)
         self.router = make_router(config.backend, backend_context(config.backend))
+        if hasattr(self.router, "on_failover"):
+            self.router.on_failover = self._failover
         self.gate = AuditGate(self.audit.write_ahead, config.audit.fail_closed,
                               after_release=self.router.flush, on_failing=self._audit_failing)
         self.session_context = SessionContext(
@@ -269,6 +271,13 @@ class ServerState:
             failures=lockout.failures, window_s=lockout.window_s, block_s=lockout.block_s,
             reason=f"lockout: source blocked for {lockout.block_s:g} s after "
                    f"{lockout.failures} TLS/identity failures"))
+
+    def _failover(self, old: tuple[str, int], new: tuple[str, int]) -> None:
+        """Sentinel moved the primary: on record, and counted (an alert watches it)."""
+        self.metrics.backend_failovers += 1
+        self.audit.write_one(self.audit.records.failover(
+            old=f"{old[0]}:{old[1]}", new=f"{new[0]}:{new[1]}",
+            master_name=self.config.backend.master_name))
 
     def l4_probe(self, src: str) -> None:
         """Connected and closed (or reset) before sending a byte: a health check."""

@@ -116,6 +116,11 @@ class AuditRecords:
         return self._body("reload", self._nobody, _fields(
             [("ok", _num(ok)), ("reason", qstr(reason))]))
 
+    def failover(self, *, old: str, new: str, master_name: str | None) -> bytes:
+        """The backend primary moved (Sentinel): commands from now on go to `new`."""
+        return self._body("failover", self._nobody, _fields(
+            [("old", qstr(old)), ("new", qstr(new)), ("master_name", qstr(master_name))]))
+
     def recovered(self, *, reason: str, torn_file: str | None = None,
                   torn_bytes: int | None = None, torn_sha256: str | None = None) -> bytes:
         """Written by the writer itself when it repaired a crash artifact at open()."""

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+import weakref
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -182,6 +183,7 @@ class NodeLink:
         self._up_again = asyncio.Event()  # set when the node comes back: ends back-offs
         self.checks = 0  # health checks run (tests, metrics)
         self._checking = 0  # a pooled connection out for a health check's PING
+        self._out: weakref.WeakSet[BackendConnection] = weakref.WeakSet()  # dedicated, held
 
     @property
     def node(self) -> str:
@@ -311,18 +313,21 @@ class NodeLink:
         conn = self._take_idle()
         if conn is not None:
             self.dedicated_out += 1
+            self._out.add(conn)
         self._refill()
         return conn
 
     async def open_dedicated(self) -> BackendConnection:
         conn = await self.open()
         self.dedicated_out += 1
+        self._out.add(conn)
         return conn
 
     def give_back(self, conn: BackendConnection, reusable: bool) -> None:
         """A client is done with its dedicated connection: RESET (and AUTH again, since
         RESET logs out) and keep it, or close it."""
         self.dedicated_out -= 1
+        self._out.discard(conn)
         conn.owner = None
         conn.on_pause = None
         if not reusable or conn.closed or conn.busy or self.closed \
@@ -372,6 +377,27 @@ class NodeLink:
         """Open backend connections: shared, idle in the pool, held by clients."""
         shared = sum(1 for p in self.pipelines if p.conn is not None and not p.conn.closed)
         return shared + self.idle_count + self.dedicated_out
+
+    def move_to(self, cfg: BackendConfig) -> None:
+        """The node moved (a Sentinel failover): from now on every connection goes to
+        `cfg`'s address. What was in flight on the old node is answered `backend
+        unavailable` at once (it may have run there: never retried), shared slots
+        reconnect to the new node, and clients holding a dedicated connection (their
+        transaction, subscriptions or blocking call lived on the old node) are told and
+        closed (Session.backend_lost)."""
+        self.cfg = cfg
+        self.server_info = None
+        self._failed(f"{self.node}: the primary moved here; reconnecting")
+        while self._idle:
+            self._idle.popleft().abort()
+        for conn in list(self._out):
+            conn.abort()
+        for pipeline in self.pipelines:
+            if pipeline.conn is not None:
+                pipeline.conn.abort()  # connection_lost: fail the FIFO, reconnect
+            else:
+                pipeline.connect()
+        self._refill()
 
     def reconfigure(self, cfg: BackendConfig, ssl_context: ssl.SSLContext | None) -> None:
         """Reload changed the backend settings: every new connection uses them; shared

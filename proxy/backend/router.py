@@ -141,7 +141,11 @@ class StandaloneRouter:
 
 
 def make_router(cfg: BackendConfig, ssl_context: ssl.SSLContext | None) -> StandaloneRouter:
-    """The router for `[backend] mode` (standalone is the only mode built so far)."""
+    """The router for `[backend] mode`: standalone, or the primary Sentinel names."""
+    if cfg.mode == "sentinel":
+        from proxy.backend.sentinel import SentinelRouter
+
+        return SentinelRouter(cfg, ssl_context)
     return StandaloneRouter(cfg, ssl_context)
 
 
