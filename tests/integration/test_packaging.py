@@ -54,6 +54,11 @@ class Built:
     def modules(self) -> set[str]:
         return {p.relative_to(self.src).as_posix() for p in (self.src / "proxy").rglob("*.py")}
 
+    def data(self) -> set[str]:
+        """Every other file in the package: what it loads at run time (package-data)."""
+        return {p.relative_to(self.src).as_posix() for p in (self.src / "proxy").rglob("*")
+                if p.is_file() and p.suffix not in (".py", ".pyc")}
+
 
 @dataclass
 class Installed:
@@ -101,7 +106,10 @@ def test_wheel_holds_every_module_the_command_table_and_the_version(built: Built
         names = whl.namelist()
         assert {"proxy/cli.py", "proxy/commands/table.py"} <= built.modules()
         assert _modules(names) == built.modules()
-        # package data the proxy loads at run time, byte for byte
+        # package data the proxy loads at run time, every file ([tool.setuptools.package-data]
+        # in pyproject.toml lists them), the command table byte for byte
+        assert {n for n in names if n.startswith("proxy/")} - _modules(names) == built.data()
+        assert "proxy/commands/table.json" in built.data()
         assert whl.read("proxy/commands/table.json") == (
             built.src / "proxy" / "commands" / "table.json").read_bytes()
         info = f"phiproxy-{__version__}.dist-info"
@@ -117,13 +125,22 @@ def test_wheel_holds_every_module_the_command_table_and_the_version(built: Built
 def test_sdist_rebuilds_the_same_package(built: Built) -> None:
     top = f"phiproxy-{__version__}/"
     with tarfile.open(built.sdist) as sdist:
-        names = sdist.getnames()
+        names = [m.name for m in sdist.getmembers() if m.isfile()]
         pkg_info = email.message_from_bytes(sdist.extractfile(top + "PKG-INFO").read())
     assert {top + "pyproject.toml", top + "README.md",
             top + "proxy/commands/table.json"} <= set(names)
     assert _modules(names, top) == built.modules()
+    assert {n[len(top):] for n in names if n.startswith(top + "proxy/")
+            and not n.endswith(".py")} == built.data()
     assert pkg_info["Version"] == __version__
     assert not any(n.endswith((".pem", ".key", ".jsonl")) for n in names), names
+
+
+def test_checkout_prints_the_version() -> None:
+    done = subprocess.run([sys.executable, "-m", "proxy", "--version"], capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout == f"phiproxy {__version__}\n", done.stderr
+    assert __version__.count(".") == 2 and all(x.isdigit() for x in __version__.split("."))
 
 
 def test_installed_phiproxy_prints_its_version(installed: Installed) -> None:
