@@ -406,6 +406,15 @@ def test_report_renders_in_headless_chromium(pack: Path, tmp_path: Path) -> None
     assert _console_errors(result.stderr) == []
     png = (tmp_path / "report.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
+    # readable printed: chromium prints it to PDF (the print CSS keeps tables whole)
+    pdf = tmp_path / "report.pdf"
+    printed = subprocess.run(
+        [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+         f"--user-data-dir={tmp_path / 'profile-pdf'}", "--host-resolver-rules=MAP * ~NOTFOUND",
+         "--no-pdf-header-footer", f"--print-to-pdf={pdf}", (pack / "report.html").as_uri()],
+        capture_output=True, text=True, timeout=120, env={**os.environ, "HOME": str(tmp_path)})
+    assert printed.returncode == 0, printed.stderr[-2000:]
+    assert pdf.read_bytes()[:5] == b"%PDF-" and pdf.read_bytes().count(b"/Type /Page") >= 3
     # the check itself catches a page that logs to the console or fetches something
     (tmp_path / "bad").mkdir()
     bad = tmp_path / "bad" / "bad.html"
