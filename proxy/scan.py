@@ -832,6 +832,10 @@ async def scan_backend(config: Config) -> Evidence:
     from proxy.tls import backend_context
 
     cfg = config.backend
+    if cfg.mode == "sentinel":  # scan the primary the sentinels name now
+        from proxy.backend.sentinel import resolve_primary
+
+        cfg = await resolve_primary(cfg, backend_context(cfg))
     ev = Evidence(cfg.address, cfg.port, cfg.username or "default")
     conn = await open_connection(cfg, backend_context(cfg), auth_command(cfg))
     try:

@@ -126,6 +126,13 @@ class SentinelRouter(StandaloneRouter):
                 pass
             self._changed.clear()
 
+    async def check_once(self) -> Address | None:
+        """The primary the sentinels name and ROLE confirms, without moving (tools)."""
+        found: list[Address] = []
+        self._move = found.append  # type: ignore[method-assign]
+        await self.check()
+        return found[0] if found else None
+
     async def check(self) -> Address | None:
         """Ask the sentinels (first that answers) for the primary; move there once ROLE
         confirms it. Returns the primary in use."""
@@ -217,3 +224,20 @@ class SentinelRouter(StandaloneRouter):
                     writer.close()
             await asyncio.sleep(delay)
             delay = min(delay * 2, 2.0)
+
+
+async def resolve_primary(cfg: BackendConfig,
+                          ssl_context: ssl.SSLContext | None) -> BackendConfig:
+    """For one-shot tools (scan-backend, keys rewrap): `cfg` as a standalone configuration
+    of the primary the sentinels name now, confirmed with ROLE. BackendUnavailable when
+    no sentinel names a primary that says it is one."""
+    router = SentinelRouter(cfg, ssl_context)
+    try:
+        primary = await router.check_once()
+    finally:
+        await router.close()
+    if primary is None:
+        raise BackendUnavailable(router.last_error or
+                                 f"no sentinel named a primary for '{cfg.master_name}'")
+    return replace(router._node_cfg(primary), mode="standalone", sentinels=(),
+                   master_name=None)

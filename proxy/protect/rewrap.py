@@ -103,6 +103,14 @@ class Backend:
         from proxy.config import backend_node
         from proxy.tls import backend_context
 
+        if cfg.mode == "sentinel":  # the primary the sentinels name now
+            from proxy.backend import BackendUnavailable
+            from proxy.backend.sentinel import resolve_primary
+
+            try:
+                cfg = await resolve_primary(cfg, backend_context(cfg))
+            except BackendUnavailable as exc:
+                raise RewrapError(f"cannot find the primary: {exc}") from None
         node = backend_node(cfg)
         if cfg.mode != "standalone":
             raise RewrapError(f'mode = "{cfg.mode}" is not supported by keys rewrap yet; point '

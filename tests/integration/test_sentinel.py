@@ -172,6 +172,10 @@ def test_the_proxy_serves_the_primary_sentinel_names(sentinels: Sentinels, pki: 
                 time.sleep(0.1)
         _, port = sentinels.primary()
         assert sentinels.node(port).client().get("app:phi:first") == b"1"
+        # One-shot tools find the primary the same way.
+        scan = subprocess.run([sys.executable, "-m", "proxy", "scan-backend", "-c",
+                               str(proxy.config)], capture_output=True, text=True, timeout=60)
+        assert f"127.0.0.1:{port}" in scan.stdout, scan.stdout + scan.stderr
     finally:
         assert proxy.stop() == 0
 
