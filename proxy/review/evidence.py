@@ -24,7 +24,14 @@ from proxy.policy import extras as ex
 from proxy.policy.engine import CompiledRole
 from proxy.review.access import access_review, trail_summary
 from proxy.review.trail import Trail
-from proxy.review.usage import REASON_KINDS, UsageCollector, identity_label, reason_kind, ts_text
+from proxy.review.usage import (
+    REASON_KINDS,
+    UsageCollector,
+    command_label,
+    identity_label,
+    reason_kind,
+    ts_text,
+)
 
 EXPIRY_WARNING_DAYS = 30
 SCAN_TIMEOUT_S = 15.0
@@ -481,7 +488,8 @@ class Denials:
         event = record.get("event")
         if event == "denied":
             self.denials[(identity_label(record.get("identity")), str(record.get("role")),
-                          str(record.get("command")), reason_kind(record.get("reason")))] += 1
+                          command_label(record.get("command")),
+                          reason_kind(record.get("reason")))] += 1
         elif event == "lockout":
             blocked = record.get("blocked") if isinstance(record.get("blocked"), dict) else {}
             self.lockouts.append({

@@ -12,6 +12,7 @@ count (its `disconnect` record). Commands on other keys are counted there but no
 
 from __future__ import annotations
 
+import re
 from collections import Counter, defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -52,6 +53,17 @@ def reason_kind(reason: Any) -> str:
     if "permissions to run" in reason:
         return "command"
     return "other"
+
+
+_COMMAND_PART = re.compile(r"^[a-z][a-z0-9_.-]{0,39}$")
+
+
+def command_label(name: Any) -> str:
+    """A refused command's name as the report shows it. An unknown command's name is the
+    client's own text (`OBJECT app:phi:123` is recorded as "object|app:phi:123"), so a part
+    that does not look like a command name is shown as "?": a key never leaks this way."""
+    parts = str(name).split("|")
+    return "|".join(p if _COMMAND_PART.match(p) else "?" for p in parts)
 
 
 def ts_text(ts: datetime | None) -> str | None:
@@ -174,7 +186,8 @@ class UsageCollector:
         elif event == "command":
             self._command(use, record)
         else:
-            use.denials[(str(record.get("command")), reason_kind(record.get("reason")))] += 1
+            use.denials[(command_label(record.get("command")),
+                         reason_kind(record.get("reason")))] += 1
 
     def _command(self, use: Use, record: dict[str, Any]) -> None:
         command = str(record.get("command"))

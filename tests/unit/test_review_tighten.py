@@ -12,7 +12,7 @@ from proxy.policy.engine import CompiledRole, compile_roles, evaluate
 from proxy.review.evidence import Hours
 from proxy.review.tighten import tighten, unused_grants, witness
 from proxy.review.trail import parse_since
-from proxy.review.usage import PatternIndex, reason_kind
+from proxy.review.usage import PatternIndex, command_label, reason_kind
 
 PHI = ["app:phi:*"]
 
@@ -168,3 +168,10 @@ def test_since_and_hours() -> None:
     for bad, tz in (("19-07", "UTC"), ("7", "UTC"), ("07-25", "UTC"), ("07-19", "Mars/Base")):
         with pytest.raises(ValueError):
             Hours.parse(bad, tz)
+
+
+def test_refused_command_names_never_carry_a_key() -> None:
+    assert command_label("client|setinfo") == "client|setinfo"
+    assert command_label("object|app:phi:123") == "object|?"
+    assert command_label("app:phi:123") == "?"
+    assert command_label("Get") == "?"  # records hold lower-case names; anything else is odd
