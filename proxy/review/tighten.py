@@ -42,11 +42,22 @@ def witness(role: CompiledRole, command: str, keys: Sequence[str]) -> list[bytes
     if info is None:
         return None
     key_bytes = [k.encode("utf-8", "surrogateescape") for k in keys]
+    count = str(len(key_bytes)).encode()
     shapes = [key_bytes]
     if len(key_bytes) > 1:
-        shapes.append([x for k in key_bytes for x in (k, _PAD)])  # MSET, MSETNX
+        shapes += [
+            [x for k in key_bytes for x in (k, _PAD)],  # MSET, MSETNX
+            [key_bytes[0], str(len(key_bytes) - 1).encode(), *key_bytes[1:]],  # ZUNIONSTORE
+        ]
+    if key_bytes:
+        shapes += [
+            [count, *key_bytes],  # SINTERCARD, LMPOP, ZMPOP, ZUNION
+            [_PAD, count, *key_bytes],  # BLMPOP, BZMPOP (timeout first)
+            [b"STREAMS", *key_bytes, *[_PAD] * len(key_bytes)],  # XREAD
+            [b"GROUP", _PAD, _PAD, b"STREAMS", *key_bytes, *[b">"] * len(key_bytes)],
+        ]
     if info.name in ex.SCRIPT_RUNNERS:
-        shapes = [[_PAD, str(len(key_bytes)).encode(), *key_bytes]]
+        shapes = [[_PAD, count, *key_bytes]]
     for shape in shapes:
         argv = _padded(info, head + shape)
         if argv is None:

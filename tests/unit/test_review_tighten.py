@@ -175,3 +175,22 @@ def test_refused_command_names_never_carry_a_key() -> None:
     assert command_label("object|app:phi:123") == "object|?"
     assert command_label("app:phi:123") == "?"
     assert command_label("Get") == "?"  # records hold lower-case names; anything else is odd
+
+
+@pytest.mark.parametrize(("command", "keys"), [
+    ("get", ["app:phi:1"]), ("mset", ["app:phi:1", "app:phi:2"]),
+    ("zunionstore", ["app:phi:d", "app:phi:1", "app:phi:2"]),
+    ("sintercard", ["app:phi:1", "app:phi:2"]), ("lmpop", ["app:phi:1"]),
+    ("blmpop", ["app:phi:1", "app:phi:2"]), ("xread", ["app:phi:s1", "app:phi:s2"]),
+    ("xreadgroup", ["app:phi:s1"]), ("fcall", ["app:phi:1"]), ("hset", ["app:phi:1"]),
+    ("config|get", []), ("scan", []), ("flushdb", []),
+])
+def test_witness_rebuilds_the_recorded_shape(command: str, keys: list[str]) -> None:
+    """An argv that the engine resolves to exactly the recorded command and keys."""
+    r, cfg = role("+@all allkeys")
+    argv = witness(r, command, keys)
+    assert argv is not None, command
+    evaluation = evaluate(r, argv)
+    assert evaluation.decision.command == command
+    assert sorted(evaluation.decision.keys) == sorted(k.encode() for k in keys)
+    assert tighten(r, cfg, [use(command, *keys)], PHI).confirmed
