@@ -34,6 +34,7 @@ import asyncio
 import json
 import os
 import random
+import re
 import resource
 import shutil
 import signal
@@ -53,7 +54,7 @@ HOST = "127.0.0.1"
 BIN = Path(sys.executable).parent
 # Commands whose audit records must equal their commandstats calls (every one names a
 # soak:* key). PUBLISH/SUBSCRIBE name channels, not keys: no record, not compared.
-KEYED = ("set", "get", "mset", "lpush", "ltrim", "lrange", "incr", "blpop", "rpush")
+KEYED = ("set", "get", "mset", "lpush", "ltrim", "lrange", "incr", "blpop", "rpush", "del")
 
 
 def free_port() -> int:
@@ -141,6 +142,7 @@ class Soak:
         self.stop_subscribers = asyncio.Event()  # after every PUBLISH got its reply
         self.ops = Counter[str]()
         self.errors = Counter[str]()
+        self.failed = Counter[str]()  # operation -> errors (what it was doing)
         self.wrong = Counter[str]()  # a reply that is not what this client wrote
         self.last: dict[str, bytes] = {}  # key -> value last acknowledged
         self.published = 0  # receivers PUBLISH reported
@@ -152,17 +154,23 @@ class Soak:
         await asyncio.sleep(rnd.random() * 5)  # spread the handshakes over 5 s
         conn: Conn | None = None
         counter = 0
+        state = ["connect"]  # the operation under way, for the error tally
         while not self.stop.is_set():
             try:
                 if conn is None:
+                    state[0] = "connect"
                     conn = await Conn.open(self.port, self.ctx)
-                    counter = int(await conn.call("GET", f"soak:{n}:ctr") or 0)
-                counter = await self.operation(conn, n, rnd, counter)
+                    # after an error the queue may hold a job its BLPOP never took
+                    _, got = await conn.pipeline(("DEL", f"soak:{n}:q"),
+                                                 ("GET", f"soak:{n}:ctr"))
+                    counter = int(got or 0)
+                counter = await self.operation(conn, n, rnd, counter, state)
                 if rnd.random() < 0.002:
                     conn.close()
                     conn, self.reconnects = None, self.reconnects + 1
             except (TimeoutError, OSError, ConnectionError, hiredis.HiredisError) as e:
                 self.errors[f"{type(e).__name__}: {str(e)[:80]}"] += 1
+                self.failed[state[0]] += 1
                 if conn is not None:
                     conn.close()
                 conn = None
@@ -171,8 +179,12 @@ class Soak:
         if conn is not None:
             conn.close()
 
-    async def operation(self, conn: Conn, n: int, rnd: random.Random, counter: int) -> int:
+    async def operation(self, conn: Conn, n: int, rnd: random.Random, counter: int,
+                        state: list[str]) -> int:
         pick = rnd.random()
+        state[0] = ("set" if pick < 0.30 else "get" if pick < 0.55 else "mset" if pick < 0.62
+                    else "lpush" if pick < 0.70 else "lrange" if pick < 0.78
+                    else "multi" if pick < 0.86 else "blpop" if pick < 0.93 else "publish")
         key = f"soak:{n}:{rnd.randrange(20)}"
         if pick < 0.30:
             value = os.urandom(8).hex().encode()
@@ -254,6 +266,18 @@ def commandstats(port: int, pki: Path) -> dict[str, int]:
     return stats
 
 
+def backend_clients(port: int, pki: Path) -> int:
+    """Redis's connected_clients (the proxy's connections, and this redis-cli's)."""
+    out = subprocess.run(
+        ["redis-cli", "--tls", "--cacert", pki / "backend-ca.pem", "--cert",
+         pki / "proxy-client.pem", "--key", pki / "proxy-client-key.pem", "-h", HOST, "-p",
+         str(port), "INFO", "clients"], capture_output=True, text=True, timeout=30)
+    for line in out.stdout.splitlines():
+        if line.startswith("connected_clients:"):
+            return int(line.split(":")[1]) - 1
+    return -1
+
+
 def read_back(port: int, pki: Path, last: dict[str, bytes]) -> int:
     """Keys whose value in Redis is not the last one acknowledged."""
     lost = 0
@@ -270,7 +294,7 @@ def read_back(port: int, pki: Path, last: dict[str, bytes]) -> int:
 
 
 async def run(port: int, ctx: ssl.SSLContext, proxy_pid: int, a: argparse.Namespace,
-              samples: list[dict[str, Any]]) -> Soak:
+              samples: list[dict[str, Any]], backend: tuple[int, Path]) -> Soak:
     soak = Soak(port, ctx, a)
     subs = [asyncio.create_task(soak.subscriber(k)) for k in range(a.subscribers)]
     await asyncio.sleep(1)
@@ -279,10 +303,11 @@ async def run(port: int, ctx: ssl.SSLContext, proxy_pid: int, a: argparse.Namesp
     while (elapsed := time.monotonic() - t0) < a.seconds:
         samples.append({"t": round(elapsed, 1), "rss_kib": rss_kib(proxy_pid),
                         "fds": open_files(proxy_pid), "ops": sum(soak.ops.values()),
-                        "errors": sum(soak.errors.values())})
+                        "errors": sum(soak.errors.values()),
+                        "backend_conns": await asyncio.to_thread(backend_clients, *backend)})
         s = samples[-1]
         print(f"t={s['t']:6.0f}s rss={s['rss_kib']} KiB fds={s['fds']} ops={s['ops']} "
-              f"errors={s['errors']}", flush=True)
+              f"errors={s['errors']} backend_conns={s['backend_conns']}", flush=True)
         await asyncio.sleep(min(a.sample, max(a.seconds - elapsed, 0.01)))
     soak.stop.set()
     await asyncio.gather(*tasks)
@@ -366,7 +391,7 @@ role = "soak"
 
         started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
         samples: list[dict[str, Any]] = []
-        soak = asyncio.run(run(proxy_port, ctx, proxy.pid, a, samples))
+        soak = asyncio.run(run(proxy_port, ctx, proxy.pid, a, samples, (backend, pki)))
         ran = commandstats(backend, pki)
         lost = read_back(backend, pki, soak.last)
         cpu_s = cpu_seconds(proxy.pid)
@@ -381,6 +406,12 @@ role = "soak"
         verified = subprocess.run([BIN / "phiproxy", "audit", "verify", work / "audit.jsonl",
                                    "--key-file", key], capture_output=True, text=True)
         compare = {c: (records[c], ran.get(c, 0)) for c in KEYED}
+        # the proxy's own warnings and errors, by message (addresses and numbers blanked)
+        warnings: Counter[str] = Counter()
+        for line in (work / "phiproxy.log").read_text(errors="replace").splitlines():
+            parts = line.split(" ", 4)
+            if len(parts) == 5 and parts[3] in ("WARNING", "ERROR", "CRITICAL"):
+                warnings[re.sub(r"\d+", "N", parts[4])[:160]] += 1
         # under load: from the end of the ramp (every client connected, caches warm: a
         # tenth of the run, 10..60 s) to the end; "before" the clients, "after" they closed
         ramp = max(10.0, min(60.0, a.seconds / 10))
@@ -390,7 +421,8 @@ role = "soak"
         summary = {
             "started": started, "clients": a.clients, "subscribers": a.subscribers,
             "seconds": a.seconds, "ops": dict(soak.ops), "ops_total": sum(soak.ops.values()),
-            "errors": dict(soak.errors), "wrong_replies": dict(soak.wrong),
+            "errors": dict(soak.errors), "failed_operations": dict(soak.failed),
+            "wrong_replies": dict(soak.wrong),
             "reconnects": soak.reconnects,
             "rss_kib": {"before": samples[0]["rss_kib"], "first": rss[0], "last": rss[-1],
                         "max": max(rss), "min": min(rss), "after": samples[-1]["rss_kib"]},
@@ -398,6 +430,7 @@ role = "soak"
                     "max": max(fds), "min": min(fds), "after": samples[-1]["fds"]},
             "records_vs_calls": compare,
             "records_equal_calls": all(x == y for x, y in compare.values()),
+            "proxy_warnings": dict(warnings.most_common(10)),
             "acked_values_lost": lost, "published_receivers": soak.published,
             "messages_received": soak.received, "proxy_exit": exit_code,
             "proxy_cpu_s": cpu_s,
