@@ -320,3 +320,17 @@ async def test_reads_wait_for_the_iteration_end_and_a_later_protocol_error_waits
     router.conns[0].data_received(b"$1\r\nx\r\n")
     assert sent(client) == b"$1\r\nx\r\n-ERR Protocol error: expected '$', got '*'\r\n"
     assert client.transport.closed
+
+
+def test_client_setinfo_is_answered_here_even_with_a_redis_70_table() -> None:
+    """Client libraries send CLIENT SETINFO on every connection (Redis 7.2); the proxy
+    answers it, decided as CLIENT SETNAME (same categories), never as an unknown command."""
+    router = FakeRouter()
+    writer = make_session(router)
+    writer.data_received(cmd("CLIENT", "SETINFO", "LIB-NAME", "redis-py"))
+    router.flush()
+    assert sent(writer) == b"+OK\r\n" and wire(router.shared.conn) == b""
+    reader = make_session(router, "+@read ~*")
+    reader.data_received(cmd("CLIENT", "SETINFO", "LIB-VER", "1.0"))
+    assert sent(reader) == (b"-NOPERM this user has no permissions to run the "
+                            b"'client|setinfo' command\r\n")
