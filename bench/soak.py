@@ -148,6 +148,7 @@ class Soak:
         self.published = 0  # receivers PUBLISH reported
         self.received = 0  # messages subscribers got
         self.reconnects = 0
+        self.settled_rss_kib = 0  # proxy RSS `--settle` seconds after every client closed
 
     async def client(self, n: int) -> None:
         rnd = random.Random(n)
@@ -316,6 +317,10 @@ async def run(port: int, ctx: ssl.SSLContext, proxy_pid: int, a: argparse.Namesp
     samples.append({"t": round(time.monotonic() - t0, 1), "rss_kib": rss_kib(proxy_pid),
                     "fds": open_files(proxy_pid), "ops": sum(soak.ops.values()),
                     "errors": sum(soak.errors.values())})
+    # 10 s later: memory the proxy gives back once idle (proxy/heap.py's trim) is gone;
+    # what is left is held (live objects, or fragmentation the trim cannot return)
+    await asyncio.sleep(a.settle)
+    soak.settled_rss_kib = rss_kib(proxy_pid)
     return soak
 
 
@@ -326,6 +331,8 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=600)
     ap.add_argument("--pause", type=float, default=0.5, help="mean pause between ops (s)")
     ap.add_argument("--sample", type=float, default=5)
+    ap.add_argument("--settle", type=float, default=10,
+                    help="seconds after the clients closed for the last RSS reading")
     ap.add_argument("--json", help="write samples and the summary here")
     ap.add_argument("--keep", action="store_true", help="keep the temp dir")
     a = ap.parse_args()
@@ -425,7 +432,8 @@ role = "soak"
             "wrong_replies": dict(soak.wrong),
             "reconnects": soak.reconnects,
             "rss_kib": {"before": samples[0]["rss_kib"], "first": rss[0], "last": rss[-1],
-                        "max": max(rss), "min": min(rss), "after": samples[-1]["rss_kib"]},
+                        "max": max(rss), "min": min(rss), "after": samples[-1]["rss_kib"],
+                        "settled": soak.settled_rss_kib},
             "fds": {"before": samples[0]["fds"], "first": fds[0], "last": fds[-1],
                     "max": max(fds), "min": min(fds), "after": samples[-1]["fds"]},
             "records_vs_calls": compare,

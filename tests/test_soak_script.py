@@ -17,7 +17,7 @@ def test_a_short_soak_passes_its_own_checks(tmp_path: Path) -> None:
     require("redis-server")
     out = tmp_path / "soak.json"
     run = subprocess.run([sys.executable, str(SOAK), "--clients", "20", "--subscribers", "2",
-                          "--seconds", "8", "--sample", "2", "--pause", "0.1",
+                          "--seconds", "8", "--sample", "2", "--pause", "0.1", "--settle", "1",
                           "--json", str(out)], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     summary = json.loads(out.read_text())["summary"]
