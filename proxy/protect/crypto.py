@@ -58,21 +58,23 @@ class Tampered(DecryptError):
 # values, not one per value) and never handed out twice. A forked worker must not share
 # its parent's unused ones: the buffer is emptied in the child.
 _NONCE_BATCH = NONCE_BYTES * 341
-_nonces = {"buf": b"", "pos": 0}
+_buf = b""
+_pos = 0
 
 
 def _nonce() -> bytes:
-    pos = _nonces["pos"]
-    buf = _nonces["buf"]
-    if pos + NONCE_BYTES > len(buf):
-        buf = _nonces["buf"] = os.urandom(_NONCE_BATCH)
+    global _buf, _pos
+    pos = _pos
+    if pos + NONCE_BYTES > len(_buf):
+        _buf = os.urandom(_NONCE_BATCH)
         pos = 0
-    _nonces["pos"] = pos + NONCE_BYTES
-    return buf[pos:pos + NONCE_BYTES]
+    _pos = pos + NONCE_BYTES
+    return _buf[pos:pos + NONCE_BYTES]
 
 
 def _forget_nonces() -> None:
-    _nonces["buf"], _nonces["pos"] = b"", 0
+    global _buf, _pos
+    _buf, _pos = b"", 0
 
 
 os.register_at_fork(after_in_child=_forget_nonces)
@@ -113,6 +115,7 @@ class Cipher:
         self.primary = primary
         self._aead = {key_id: AESGCM(key) for key_id, key in keys.items()}
         self._header = MAGIC + bytes([len(primary)]) + primary.encode("ascii")
+        self._primary = self._aead[primary]
 
     @property
     def key_ids(self) -> list[str]:
@@ -120,9 +123,18 @@ class Cipher:
 
     def encrypt(self, plaintext: bytes, ad: bytes) -> bytes:
         nonce = _nonce()
-        return self._header + nonce + self._aead[self.primary].encrypt(nonce, plaintext, ad)
+        return self._header + nonce + self._primary.encrypt(nonce, plaintext, ad)
 
     def decrypt(self, value: bytes, ad: bytes) -> bytes:
+        header = self._header
+        start = len(header)
+        if value.startswith(header) and len(value) >= start + NONCE_BYTES + TAG_BYTES:
+            # under the primary key: the common case
+            try:
+                return self._primary.decrypt(value[start:start + NONCE_BYTES],
+                                             value[start + NONCE_BYTES:], ad)
+            except InvalidTag:
+                pass  # reported below, with the key id
         key_id = key_id_of(value)
         if key_id is None:
             raise NotCiphertext("not a phiproxy ciphertext")

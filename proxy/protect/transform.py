@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from proxy.protect import resp
@@ -152,14 +151,16 @@ class Refusal(Exception):
             "utf-8", "replace") + b"\r\n"
 
 
-@dataclass
 class Plan:
-    """What to send instead, how to rewrite the reply, and the proxy's own follow-ups
-    (their replies are dropped)."""
+    """What to send instead (`argv`, changed in place), how to rewrite the reply, and the
+    proxy's own follow-ups (their replies are dropped)."""
 
-    argv: list[bytes]
-    reply: Callable[[bytes], bytes] | None = None
-    extra: list[list[bytes]] = field(default_factory=list)
+    __slots__ = ("argv", "reply", "extra")
+
+    def __init__(self, argv: list[bytes]) -> None:
+        self.argv = argv
+        self.reply: Callable[[bytes], bytes] | None = None
+        self.extra: list[list[bytes]] = []
 
 
 class Protector:
@@ -184,8 +185,20 @@ class Protector:
         ciphertext, so it is refused unless its named keys prove otherwise."""
         rule_for = self.protection.rule_for
         if len(keys) == 1:  # the common case, without the comprehensions
-            rule = rule_for(keys[0])
-            ruled = [(keys[0], rule)] if rule is not None else []
+            key = keys[0]
+            rule = rule_for(key)
+            if rule is not None:
+                plan = Plan(argv)
+                if rule.encrypt:
+                    kind = CLASSES.get(command, UNSUPPORTED)
+                    if kind is TRANSFORM:
+                        _TRANSFORMS[command](self, plan, command, {key: rule})
+                    elif kind is not PASS:
+                        raise Refusal(command, key, rule, kind)
+                if rule.limits_ttl:
+                    self._ttl(plan, command, [(key, rule)])
+                return plan
+            ruled = []
         else:
             ruled = [(key, rule) for key in keys if (rule := rule_for(key)) is not None]
         if not ruled:
@@ -196,7 +209,7 @@ class Protector:
                                   "may reach keys it does not name, and values there are "
                                   "encrypted")
             return None
-        plan = Plan(list(argv))
+        plan = Plan(argv)
         encrypted = {key: rule for key, rule in ruled if rule.encrypt}
         if encrypted:
             kind = CLASSES.get(command, UNSUPPORTED)
@@ -370,7 +383,7 @@ def _set(p: Protector, plan: Plan, command: str, rules: dict[bytes, ProtectRule]
         return  # Redis answers the arity error
     ad = associated(STRING, key)
     argv[2] = p.enc(argv[2], ad)
-    if any(a.lower() == b"get" for a in argv[3:]):
+    if len(argv) > 3 and any(a.lower() == b"get" for a in argv[3:]):
         plan.reply = _bulk_reply(p, key, ad)
 
 
