@@ -494,7 +494,11 @@ class Session(asyncio.Protocol):
             held, self._held = self._held or [], None
             self._pinned = False
             self._clear_state()
-            for *_, entries, _, _ in held:
+            for *_, entries, _, owned in held:
+                # answer() counts each entry out of in_flight: count them in first (as
+                # _attach does), or in_flight goes negative and the next move to a
+                # dedicated connection waits forever (_move_when_ready)
+                self.queue.in_flight += owned
                 fail_entries(entries)
             return
         self._acquiring = False

@@ -33,6 +33,8 @@ from pathlib import Path
 
 import pytest
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from tests.helpers import (
     DEFAULT_ROLES,
@@ -70,10 +72,12 @@ def commandstats(backend: RedisServer) -> Counter[str]:
         last = now
 
 
-def slow_client(proxy: Proxy) -> redis.Redis:
-    """A client that waits up to a minute for a reply (a paused backend is waited for)."""
-    return redis.Redis(host="127.0.0.1", port=proxy.port, socket_timeout=60,
-                       **proxy.ssl_kwargs())
+def slow_client(proxy: Proxy, timeout: float = 60) -> redis.Redis:
+    """A client that waits up to `timeout` for a reply (a paused backend is waited for)
+    and never retries by itself (redis-py 6+ retries 3 times by default: a retry would hide
+    a hang, or run a command twice)."""
+    return redis.Redis(host="127.0.0.1", port=proxy.port, socket_timeout=timeout,
+                       retry=Retry(NoBackoff(), 0), **proxy.ssl_kwargs())
 
 
 def trail_records(*paths: Path) -> list[dict]:
@@ -127,12 +131,16 @@ class Load:
 
     proxy: Proxy
     clients: int = 8
+    transactions: bool = False  # MULTI SET INCR EXEC (a dedicated connection) per step
+    pause_s: float = 0.0  # between steps (past the 1 s grace, a connection goes back)
+    timeout: float = 60  # a reply later than this is a hang (counted as an error)
     stop: threading.Event = field(default_factory=threading.Event)
     acked: dict[str, str] = field(default_factory=dict)  # key -> value Redis said +OK to
     errors: Counter[str] = field(default_factory=Counter)  # reply text -> count
     wrong: list[str] = field(default_factory=list)  # a GET that did not see its own SET
     slowest: float = 0.0
     ops: int = 0
+    counters: dict[str, int] = field(default_factory=dict)  # key -> EXECs acknowledged
     _threads: list[threading.Thread] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -151,14 +159,16 @@ class Load:
             raise
 
     def _loop(self, n: int) -> None:
-        client = slow_client(self.proxy)
+        client = slow_client(self.proxy, self.timeout)
         i = 0
         while not self.stop.is_set():
             i += 1
             key, value = f"app:phi:load:{n}:{i}", f"{n}-{i}"
             began = time.monotonic()
             try:
-                if client.set(key, value):
+                if self.transactions:
+                    self._transaction(client, n, key, value)
+                elif client.set(key, value):
                     with self._lock:
                         self.acked[key] = value
                     if client.get(key) != value.encode():
@@ -170,7 +180,17 @@ class Load:
             with self._lock:
                 self.ops += 1
                 self.slowest = max(self.slowest, time.monotonic() - began)
+            if self.pause_s:
+                self.stop.wait(self.pause_s)
         client.close()
+
+    def _transaction(self, client: redis.Redis, n: int, key: str, value: str) -> None:
+        tx = client.pipeline(transaction=True)
+        tx.set(key, value).incr(f"app:phi:tx:{n}")
+        ok, count = tx.execute()
+        with self._lock:
+            self.acked[key] = value
+            self.counters[f"app:phi:tx:{n}"] = count
 
     def finish(self) -> None:
         self.stop.set()
@@ -239,6 +259,49 @@ def test_backend_paused_under_load_delays_but_loses_nothing(
     figures("sigstop", clients=load.clients, ops=load.ops, errors=sum(load.errors.values()),
             slowest_s=round(load.slowest, 2), acked_sets=len(load.acked),
             set_records=audit_counts(records)["set"], set_calls=ran["set"])
+
+
+def test_backend_paused_under_transactions(pki: PKI, backend: RedisServer,
+                                           tmp_path: Path) -> None:
+    """Clients in MULTI need a dedicated connection each: those holding one wait like the
+    shared ones; one that needs a new connection while Redis is stopped cannot get it
+    (the TLS handshake times out) and is answered `backend unavailable`."""
+    proxy = start(pki, backend.port, tmp_path / "p")
+    load = Load(proxy, clients=12, transactions=True, pause_s=1.2, timeout=15).start()
+    try:
+        wait_until(lambda: load.ops > 30, 20, "load")
+        os.kill(backend.proc.pid, signal.SIGSTOP)
+        try:
+            time.sleep(3.5)
+        finally:
+            os.kill(backend.proc.pid, signal.SIGCONT)
+        during = load.ops
+        wait_until(lambda: load.ops > during + 30, 20, "load after SIGCONT")
+    finally:
+        load.finish()
+    ran = commandstats(backend)
+    assert proxy.stop() == 0
+    verify_trail(proxy)
+    records = trail_records(proxy.config.parent / "audit.jsonl")
+    direct = backend.client()
+    for key, count in load.counters.items():  # every acknowledged EXEC ran, once
+        assert int(direct.get(key)) >= count
+    assert_acked_writes_kept(backend, load.acked)
+    figures("sigstop-transactions", ops=load.ops, errors=dict(load.errors),
+            slowest_s=round(load.slowest, 2), exec_calls=ran["exec"],
+            incrby_records=audit_counts(records)["incrby"], incrby_calls=ran["incrby"],
+            set_records=audit_counts(records)["set"], set_calls=ran["set"])
+    # What the clients saw: a transaction that needed a new connection while Redis was
+    # stopped got `backend unavailable` after connect_timeout_s (2 s); none hung (a
+    # failed move to a dedicated connection used to leave the session's in-flight count
+    # negative, and its next transaction waited forever), every other one ran.
+    failed = load.errors["backend unavailable"]
+    assert set(load.errors) <= {"backend unavailable"}, load.errors
+    assert load.slowest < 10
+    assert ran["exec"] == load.ops - failed
+    # Their records were written ahead and they never ran: records = calls + failed.
+    recorded = audit_counts(records)
+    assert recorded["set"] - ran["set"] == recorded["incrby"] - ran["incrby"] == failed
 
 
 # ------------------------------------------------- 2. backend SIGKILL mid-pipeline, restart
