@@ -410,7 +410,11 @@ async def open_connection(cfg: BackendConfig, ssl_context: ssl.SSLContext | None
                 else None)
         _, conn = await asyncio.wait_for(connect, cfg.connect_timeout_s)
     except (TimeoutError, OSError, ssl.SSLError) as exc:
-        raise BackendUnavailable(f"cannot connect to {node}: {exc or type(exc).__name__}") \
+        # a timeout's text is empty (an exception is always true: `exc or ...` was not
+        # enough): say which limit ran out
+        reason = str(exc) or (f"no answer within connect_timeout_s = {cfg.connect_timeout_s:g} s"
+                              if isinstance(exc, TimeoutError) else type(exc).__name__)
+        raise BackendUnavailable(f"cannot connect to {node}: {reason}") \
             from exc
     if auth is not None:
         try:

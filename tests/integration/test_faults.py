@@ -299,6 +299,7 @@ def test_backend_paused_under_transactions(pki: PKI, backend: RedisServer,
     assert set(load.errors) <= {"backend unavailable"}, load.errors
     assert load.slowest < 10
     assert ran["exec"] == load.ops - failed
+    assert "no answer within connect_timeout_s = 2 s" in proxy.stderr()  # the log says why
     # Their records were written ahead and they never ran: records = calls + failed.
     recorded = audit_counts(records)
     assert recorded["set"] - ran["set"] == recorded["incrby"] - ran["incrby"] == failed
