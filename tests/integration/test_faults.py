@@ -54,6 +54,16 @@ DATA_COMMANDS = ("set", "get", "incr", "mset", "lpush", "lrange")
 
 
 # ----------------------------------------------------------------------------- helpers
+_RUNNING: list = []  # proxies and collectors a test started: stopped even if it fails
+
+
+@pytest.fixture(autouse=True)
+def _stop_what_the_test_started() -> Iterator[None]:
+    yield
+    while _RUNNING:
+        _RUNNING.pop().stop()
+
+
 def commandstats(backend: RedisServer) -> Counter[str]:
     """Calls per command, once Redis has run what is still on its way (a client that went
     away early leaves commands in flight): two reads 0.3 s apart agree on DATA_COMMANDS."""
@@ -121,7 +131,9 @@ def start(pki: PKI, backend_port: int, workdir: Path, *, audit: str = "",
         text = config.read_text()
         assert 'path = "audit.jsonl"' in text
         config.write_text(text.replace('path = "audit.jsonl"', f'path = "{audit_path}"'))
-    return start_proxy(config, pki, port)
+    proxy = start_proxy(config, pki, port)
+    _RUNNING.append(proxy)
+    return proxy
 
 
 @dataclass
@@ -470,6 +482,7 @@ class Collector:
         self.dir, self.port = directory, free_port()
         directory.mkdir(parents=True, exist_ok=True)
         self.proc: subprocess.Popen[bytes] | None = None
+        _RUNNING.append(self)
 
     def start(self) -> None:
         conf = self.dir / "rsyslog.conf"
