@@ -22,7 +22,8 @@ from proxy import __version__, heap
 from proxy.audit.writer import AuditWriter
 from proxy.backend import BackendUnavailable, make_router
 from proxy.clientcert import ClientCertChecks, strict_refusal, verified_chain
-from proxy.commands.table import CommandTable, default_table
+from proxy.commands import table as command_tables
+from proxy.commands.table import CommandTable
 from proxy.config import Config, backend_node
 from proxy.events import Events
 from proxy.gate import AuditGate
@@ -107,7 +108,7 @@ class ServerState:
     def command_table(self) -> CommandTable:
         """The table the live roles use (with learn_commands, the extended copy)."""
         role = next(iter(self.roles.values()), None)
-        return role.table if role is not None else default_table()
+        return role.table if role is not None else command_tables.default_table()
 
     def apply_to_sessions(self, config: Config) -> None:
         """Reload: the settings sessions read live."""
@@ -577,7 +578,7 @@ async def learn_backend_commands(state: ServerState) -> None:
         log.warning("learn_commands: COMMAND was refused (%s); using the shipped table", reply)
         return
     # A copy: default_table() is cached and shared (other states, tests, explain).
-    table = default_table().copy()
+    table = command_tables.default_table().copy()
     added = extend_from_command_reply(table, reply)
     state.roles = compile_roles(state.config.roles, table)
     state.metrics.add_commands(added)

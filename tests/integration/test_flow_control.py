@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import socket
 import time
+from collections.abc import Iterator
+from pathlib import Path
 
-from tests.helpers import Proxy, RedisServer
+import pytest
+
+from tests.helpers import PKI, Proxy, RedisServer, free_port, start_proxy, write_proxy_config
 
 MiB = 1024 * 1024
 
@@ -18,8 +22,23 @@ def rss_bytes(pid: int) -> int:
     raise AssertionError("no VmRSS")
 
 
-def test_client_that_never_reads_does_not_grow_the_proxy(proxy: Proxy,
+@pytest.fixture
+def limited(pki: PKI, backend: RedisServer, tmp_path: Path) -> Iterator[Proxy]:
+    """A proxy that buffers at most 32 MiB of replies for a client that does not read."""
+    port = free_port()
+    config = write_proxy_config(pki, tmp_path, backend.port, port)
+    config.write_text(config.read_text() + f"\n[limits]\nmax_reply_buffer_bytes = {32 * MiB}\n")
+    proxy = start_proxy(config, pki, port)
+    yield proxy
+    proxy.stop()
+
+
+def test_client_that_never_reads_does_not_grow_the_proxy(limited: Proxy,
                                                          backend: RedisServer) -> None:
+    """Its replies come over a shared backend connection that other clients use too, so
+    Redis cannot be paused for it: they are buffered up to max_reply_buffer_bytes, then
+    the client is disconnected with a log line that says why (SPEC §5)."""
+    proxy = limited
     backend.client().set("app:phi:big", b"x" * MiB)
     baseline = rss_bytes(proxy.proc.pid)
     ctx = proxy.ssl_context("app-writer")
@@ -38,8 +57,9 @@ def test_client_that_never_reads_does_not_grow_the_proxy(proxy: Proxy,
         time.sleep(1.0)
         grown = rss_bytes(proxy.proc.pid) - baseline
         assert grown < 64 * MiB, f"proxy grew by {grown / MiB:.0f} MiB for a non-reading client"
-    # The proxy still serves others afterwards.
+    # The proxy still serves others afterwards, and said why it dropped that client.
     assert proxy.client().get("app:phi:big") == b"x" * MiB
+    assert "does not read its replies" in proxy.stderr()
 
 
 def test_client_that_never_reads_local_replies_is_bounded(proxy: Proxy) -> None:
