@@ -126,16 +126,17 @@ class SentinelRouter(StandaloneRouter):
                 pass
             self._changed.clear()
 
-    async def check_once(self) -> Address | None:
-        """The primary the sentinels name and ROLE confirms, without moving (tools)."""
-        found: list[Address] = []
-        self._move = found.append  # type: ignore[method-assign]
-        await self.check()
-        return found[0] if found else None
-
     async def check(self) -> Address | None:
-        """Ask the sentinels (first that answers) for the primary; move there once ROLE
-        confirms it. Returns the primary in use."""
+        """Ask the sentinels for the primary and move there if it changed. Returns the
+        primary in use."""
+        address = await self.find()
+        if address is not None and address != self.primary:
+            self._move(address)
+        return self.primary
+
+    async def find(self) -> Address | None:
+        """The primary the first sentinel that answers names, once ROLE on that node
+        confirms it (the one in use is not asked again); None if there is none."""
         cfg = self.sentinel_cfg
         name = (cfg.master_name or "").encode()
         errors = []
@@ -150,12 +151,12 @@ class SentinelRouter(StandaloneRouter):
                               f"'{cfg.master_name}' ({reply!r:.100})")
                 continue
             address = (reply[0].decode(), int(reply[1]))
-            if address != self.primary and await self._is_primary(address):
-                self._move(address)
-            return self.primary
+            if address == self.primary or await self._is_primary(address):
+                return address
+            return None  # named, but not (yet) a primary: ask again at the next check
         if errors and self.primary is None:
             self.link._failed("no sentinel named the primary: " + "; ".join(errors))
-        return self.primary
+        return None
 
     async def _is_primary(self, address: Address) -> bool:
         node = self._node_cfg(address)
@@ -233,7 +234,7 @@ async def resolve_primary(cfg: BackendConfig,
     no sentinel names a primary that says it is one."""
     router = SentinelRouter(cfg, ssl_context)
     try:
-        primary = await router.check_once()
+        primary = await router.find()
     finally:
         await router.close()
     if primary is None:
