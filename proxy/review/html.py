@@ -18,12 +18,12 @@ margin-top:2em}h3{margin-bottom:.3em}
 table{border-collapse:collapse;width:100%;margin:.5em 0 1em}
 th,td{border:1px solid #bbb;padding:.25em .5em;text-align:left;vertical-align:top}
 th{background:#eee}td.n{text-align:right;font-variant-numeric:tabular-nums}
-td{overflow-wrap:anywhere}
+td{overflow-wrap:break-word}
 code{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:.92em;word-break:break-all}
 .meta{color:#444}.pass{color:#17692b;font-weight:600}.fail{color:#b00020;font-weight:700}
 .unknown,.not-checked{color:#8a5a00;font-weight:600}
 .critical{background:#b00020;color:#fff}.high{background:#f8d7da}.medium{background:#fff3cd}
-.low{background:#e8f0fe}.sev{padding:0 .4em;border-radius:3px;font-weight:600}
+.low{background:#e8f0fe}.sev{padding:0 .4em;border-radius:3px;font-weight:600;white-space:nowrap}
 .banner{border:3px solid #b00020;padding:.6em 1em;margin:1em 0;font-weight:600}
 .ok{border-color:#17692b}
 svg{max-width:100%;height:auto}
