@@ -370,6 +370,8 @@ class Session(asyncio.Protocol):
                 self._records.append(self.audit_conn.command(command, keys, queue.db))
             if plan is not None:
                 self._add_protected(plan, counts[command])
+                if not plan.changes_request(command):
+                    plain += 1  # the client's bytes can still go as they are
                 continue
             items.append(argv)
             entries.append(queue.plain(counts[command]))
@@ -389,8 +391,14 @@ class Session(asyncio.Protocol):
         batch, queue = self._batch, self.queue
         assert batch is not None
         batch.items.append(plan.argv)
-        batch.entries.append(queue.special(FILTER, slot, filter=plan.reply)
-                             if plan.reply is not None else queue.plain(slot))
+        if plan.reply is None:
+            batch.entries.append(queue.plain(slot))
+        elif queue.silence:
+            batch.entries.append(queue.special(FILTER, slot, filter=plan.reply))
+        else:  # queue.special() without its keyword plumbing: one per protected read
+            entry = Pending(queue, FILTER, slot, filter=plan.reply)
+            queue.entries.append(entry)
+            batch.entries.append(entry)
         batch.qidx.append(len(queue.entries) - 1)
         for extra in plan.extra:
             batch.items.append(extra)

@@ -25,7 +25,7 @@ from typing import Any, Protocol
 import hiredis
 
 from proxy.config import BackendConfig
-from proxy.replies import LOCAL, PLAIN, SILENT, WHOLE, Pending, swallowed
+from proxy.replies import FILTER, LOCAL, PLAIN, SILENT, WHOLE, Pending, swallowed
 from proxy.resp import canned
 from proxy.resp.reply import PUSH, REPLY, ReplyFramer
 from proxy.resp.request import ProtocolError, encode_command
@@ -33,6 +33,8 @@ from proxy.resp.request import ProtocolError, encode_command
 log = logging.getLogger("phiproxy.backend")
 
 _MINUS = 0x2D
+# Errors pass unfiltered; simple strings (+QUEUED inside MULTI) go through answer().
+_NOT_FILTERED = frozenset(b"-+")
 
 
 class BackendUnavailable(Exception):
@@ -236,6 +238,15 @@ class BackendConnection(asyncio.Protocol):
                 q.in_flight -= 1
                 entry.slot[data[pos] == _MINUS] += 1  # type: ignore[index]
                 out.append(data[pos:end])
+                if q.entries and q.entries[0].kind == LOCAL:
+                    q.release(out)
+            elif entry.kind == FILTER and kind == REPLY and data[pos] not in _NOT_FILTERED:
+                # A whole reply to rewrite (a protected value to decrypt), inlined too.
+                q.entries.popleft()
+                q.in_flight -= 1
+                if entry.slot is not None:
+                    entry.slot[0] += 1
+                out.append(entry.filter(data[pos:end]))  # type: ignore[misc]
                 if q.entries and q.entries[0].kind == LOCAL:
                     q.release(out)
             else:

@@ -85,6 +85,11 @@ for _names, _class in ((_STRINGS, TRANSFORM), (_HASHES, TRANSFORM), (_LISTS, TRA
         assert _name not in CLASSES, _name
         CLASSES[_name] = _class
 
+# Transforms that change the request (values encrypted, HVALS asked as HGETALL).
+_REWRITES_ARGV = frozenset({
+    "set", "getset", "setnx", "setex", "psetex", "mset", "msetnx", "hset", "hmset",
+    "hsetnx", "hvals", "lpush", "rpush", "lpushx", "rpushx", "lset", "xadd"})
+
 # Commands that set or keep a TTL themselves (checked against max_ttl_s, never given the
 # default); every other write to a key under a TTL rule gets `EXPIRE key ttl NX` after it.
 _SETS_TTL = frozenset({"setex", "psetex", "expire", "pexpire", "expireat", "pexpireat",
@@ -161,6 +166,11 @@ class Plan:
         self.argv = argv
         self.reply: Callable[[bytes], bytes] | None = None
         self.extra: list[list[bytes]] = []
+
+    def changes_request(self, command: str) -> bool:
+        """Whether what goes to Redis differs from what the client sent (if not, the
+        session may forward the client's bytes as they are)."""
+        return command in _REWRITES_ARGV or bool(self.extra)
 
 
 class Protector:
