@@ -296,3 +296,14 @@ def test_commands_that_reach_keys_they_do_not_name_are_refused_with_encryption(
     router.flush()
     assert wire(router.shared.conn) == b""
     assert b"may reach keys it does not name" in sent(session)
+
+
+def test_an_error_reply_to_a_protected_read_passes_unchanged_and_counts_as_an_error() -> None:
+    router, session = setup()
+    session.data_received(cmd("GET", "app:phi:h") + cmd("GET", "app:phi:s"))
+    assert backend_commands(router) == [[b"GET", b"app:phi:h"], [b"GET", b"app:phi:s"]]
+    stored = Cipher({"k1": KEY}, "k1").encrypt(b"ok", associated(STRING, b"app:phi:s"))
+    wrongtype = b"-WRONGTYPE Operation against a key holding the wrong kind of value\r\n"
+    reply(router, wrongtype + bulk(stored))
+    assert sent(session) == wrongtype + bulk(b"ok")
+    assert session.counts["get"][:2] == [1, 1]  # one ok, one error
