@@ -202,7 +202,7 @@ class Protector:
                 if rule.encrypt:
                     kind = CLASSES.get(command, UNSUPPORTED)
                     if kind is TRANSFORM:
-                        _TRANSFORMS[command](self, plan, command, {key: rule})
+                        self._transform(plan, command, {key: rule})
                     elif kind is not PASS:
                         raise Refusal(command, key, rule, kind)
                 if rule.limits_ttl:
@@ -224,13 +224,23 @@ class Protector:
         if encrypted:
             kind = CLASSES.get(command, UNSUPPORTED)
             if kind is TRANSFORM:
-                _TRANSFORMS[command](self, plan, command, encrypted)
+                self._transform(plan, command, encrypted)
             elif kind is not PASS:
                 key, rule = next(iter(encrypted.items()))
                 raise Refusal(command, key, rule, kind)
         if any(rule.limits_ttl for _, rule in ruled):
             self._ttl(plan, command, ruled)
         return plan
+
+    def _transform(self, plan: Plan, command: str, rules: dict[bytes, ProtectRule]) -> None:
+        """The command's transform; a malformed command (too few arguments for where the
+        values are) is refused rather than sent half-transformed (fail closed)."""
+        try:
+            _TRANSFORMS[command](self, plan, command, rules)
+        except (IndexError, ValueError):
+            key, rule = next(iter(rules.items()))
+            raise Refusal(command, key, rule, "is malformed (wrong number of arguments)") \
+                from None
 
     # ------------------------------------------------------------------ TTL rules
     def _ttl(self, plan: Plan, command: str, ruled: list[tuple[bytes, ProtectRule]]) -> None:

@@ -307,3 +307,21 @@ def test_an_error_reply_to_a_protected_read_passes_unchanged_and_counts_as_an_er
     reply(router, wrongtype + bulk(stored))
     assert sent(session) == wrongtype + bulk(b"ok")
     assert session.counts["get"][:2] == [1, 1]  # one ok, one error
+
+
+@pytest.mark.parametrize("command", [
+    ("LMOVE", "app:phi:q"), ("HSET", "app:phi:h"), ("XADD", "app:phi:s"),
+    ("LPUSH", "app:phi:q"), ("SETEX", "app:phi:a", "10"), ("HGET", "app:phi:h"),
+])
+def test_malformed_commands_on_protected_keys_never_break_the_session(
+        command: tuple[str, ...]) -> None:
+    router, session = setup()
+    session.data_received(cmd(*command) + cmd("PING"))
+    router.flush()
+    framer = RequestFramer()
+    sent_to_redis = framer.feed(wire(router.shared.conn))
+    # Either refused here, or forwarded untouched for Redis to answer its arity error;
+    # never plaintext values half-encrypted, and the session goes on.
+    assert sent_to_redis[-1] == [b"PING"]
+    for argv in sent_to_redis[:-1]:
+        assert argv == [a.encode() for a in command] or argv[0] == b"EXPIRE"
