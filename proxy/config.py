@@ -739,7 +739,11 @@ def _audit_path(t: _Table) -> str:
         try:
             parse_syslog_url(raw)
         except ValueError as e:
-            t.fault("path", str(e))
+            if "@" in raw.split("://", 1)[1].split("/", 1)[0]:
+                # It may hold a password: name the key, never the value.
+                t.p.add(f"{t.where} path = \"syslog+tcp://<redacted>@...\": {e}")
+            else:
+                t.fault("path", str(e))
         return raw
     path = _resolve(t.p.base, raw)
     try:

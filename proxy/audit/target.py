@@ -24,7 +24,13 @@ def parse_syslog_url(url: str) -> tuple[str, int]:
         host, port = parts.hostname, parts.port
     except ValueError as e:
         raise ValueError(f"is not host:port ({e}); e.g. {SYSLOG_TCP}127.0.0.1:6514") from None
-    if not host or port is None or port == 0 or parts.path not in ("", "/") or parts.query:
+    if parts.username is not None or parts.password is not None:
+        # Secrets are never inline in the configuration (and this one would be sent
+        # nowhere: the sink does not authenticate). Never echo it back.
+        raise ValueError("must not carry a user or password (user:password@); the syslog "
+                         f"sink sends none; e.g. {SYSLOG_TCP}127.0.0.1:6514")
+    if not host or port is None or port == 0 or parts.path not in ("", "/") or parts.query \
+            or parts.fragment or "%" in parts.netloc:
         raise ValueError(f"needs a host and a port and nothing else; e.g. "
                          f"{SYSLOG_TCP}127.0.0.1:6514")
     return host, port

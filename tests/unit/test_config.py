@@ -523,3 +523,10 @@ def test_a_path_the_file_system_cannot_examine_is_a_problem_not_a_crash(
         del site.doc["backend"]["address"], site.doc["backend"]["port"]
     problems = [p for p in site.problems() if f"[{section}] {key}" in p]
     assert len(problems) == 1 and "cannot be examined (File name too long)" in problems[0]
+
+
+def test_a_syslog_url_with_credentials_is_refused_without_echoing_them(site: Site) -> None:
+    site.doc["audit"]["path"] = "syslog+tcp://auditor:hunter2@collector:6514"
+    problem = site.problem()
+    assert "must not carry a user or password" in problem
+    assert "hunter2" not in problem and "auditor" not in problem
