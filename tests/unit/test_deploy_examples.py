@@ -352,7 +352,7 @@ def exposed_metric_names() -> set[str]:
     m = Metrics(roles=["reader"])
     m.set_backend_state(True, 2)
     m.watch_audit(SimpleNamespace(written=1, failures=0, depth=0, writes=1))
-    m.watch_lockout(lambda: 0)
+    m.watch_lockout(lambda: 0, lambda: 0)
     m.set_cert_expiry("server", time.time() + 86400)
     m.denied("reader", "rule", "acl")
     m.observe_proxy_latency(0.001)
