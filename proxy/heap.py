@@ -23,6 +23,12 @@ from collections.abc import Callable
 log = logging.getLogger("phiproxy.heap")
 
 
+# Young collections every 10,000 container allocations instead of 700: the hot path's
+# objects die young by refcount, so a collection finds little, and at 700 they ran every
+# few dozen commands (bench/README.md, "Latency stability").
+GC_THRESHOLDS = (10_000, 20, 20)
+
+
 def settle() -> float:
     """Collect once, then freeze what is left: it lives as long as the process (or until
     the next reload). Returns the seconds it took (logged; it runs off the hot path)."""
@@ -32,6 +38,7 @@ def settle() -> float:
     gc.unfreeze()
     gc.collect()
     gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
     return time.perf_counter() - start
 
 

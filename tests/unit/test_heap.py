@@ -17,10 +17,12 @@ def test_settle_freezes_what_is_alive() -> None:
         kept = Node()
         heap.settle()
         assert gc.get_freeze_count() > 0
+        assert gc.get_threshold() == heap.GC_THRESHOLDS  # young collections less often
         # A frozen object is outside every generation: a full collection does not walk it.
         assert all(kept is not obj for obj in gc.get_objects(generation=2))
     finally:
         gc.unfreeze()
+        gc.set_threshold(700, 10, 10)
 
 
 def test_a_second_settle_frees_what_the_first_froze_and_is_garbage_now() -> None:
