@@ -27,7 +27,6 @@ import asyncio
 import os
 import resource
 import shutil
-import signal
 import socket
 import ssl
 import subprocess
@@ -38,6 +37,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_config import config_text  # noqa: E402
+from procs import stop_all  # noqa: E402
 
 HOST = "127.0.0.1"
 BIN = Path(sys.executable).parent
@@ -264,15 +264,7 @@ def main():
 
         asyncio.run(scenario())
     finally:
-        for p in reversed(procs):
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in reversed(procs):
-            try:
-                p.wait(15)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        stop_all(procs)
         if a.keep:
             print(f"temp dir kept: {work}")
         else:

@@ -50,6 +50,9 @@ from typing import Any
 
 import hiredis
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from procs import stop_all  # noqa: E402
+
 HOST = "127.0.0.1"
 BIN = Path(sys.executable).parent
 # Commands whose audit records must equal their commandstats calls (every one names a
@@ -453,15 +456,7 @@ role = "soak"
               and not soak.wrong and soak.published == soak.received)
         return 0 if ok else 1
     finally:
-        for p in reversed(procs):
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in reversed(procs):
-            try:
-                p.wait(15)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        stop_all(procs)
         if a.keep:
             print(f"temp dir kept: {work}")
         else:

@@ -25,6 +25,7 @@ import pytest
 import redis
 
 from tests.helpers import (
+    DEFAULT_IDENTITIES,
     PKI,
     Proxy,
     RedisServer,
@@ -47,19 +48,7 @@ dbs = [0]
 acl = "+@all allkeys"
 """
 
-IDENTITIES = """
-[[identities]]
-subject_cn = "app-writer"
-role = "writer"
-
-[[identities]]
-subject_cn = "app-reader"
-role = "reader"
-
-[[identities]]
-subject_cn = "revoked-client"
-role = "writer"
-
+IDENTITIES = DEFAULT_IDENTITIES + """
 [[identities]]
 subject_cn = "ops-admin"
 role = "ops"
